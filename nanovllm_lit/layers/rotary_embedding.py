@@ -7,11 +7,23 @@ from __future__ import annotations
 from functools import lru_cache
 import torch
 from torch import nn
+from ..utils.context import compile_on_cuda
 
 # %% auto #0
-__all__ = ['RotaryEmbedding', 'rope_parameters_of', 'rope_theta_of', 'rope_scaling_of', 'get_rope']
+__all__ = ['apply_rope', 'RotaryEmbedding', 'rope_parameters_of', 'rope_theta_of', 'rope_scaling_of', 'get_rope']
 
 # %% ../../nbs/11_rope.ipynb #2e1de84c
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int) -> torch.Tensor:
+    x1, x2 = x[..., : r // 2].float(), x[..., r // 2 : r].float()
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)
+
+@compile_on_cuda  # fused on the GPU (chapter 16); plain PyTorch on the CPU
+def apply_rope(positions, query, key, cos_sin_cache, rotary_dim: int):
+    "Rotate the first `rotary_dim` dims of query (N, H, D) and key (N, KVH, D) by the angles of `positions` (N,)."
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(-2).chunk(2, dim=-1)  # (N, 1, R/2) each
+    return _rotate(query, cos, sin, rotary_dim), _rotate(key, cos, sin, rotary_dim)
+
 class RotaryEmbedding(nn.Module):
     "Neox-style rotary embedding with a precomputed float32 `[cos | sin]` table."
     def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int, base: float):
@@ -28,14 +40,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         "positions (N,), query (N, H, D), key (N, KVH, D) -> rotated (query, key), same shapes and dtypes."
-        cos, sin = self.cos_sin_cache[positions].float().unsqueeze(-2).chunk(2, dim=-1)  # (N, 1, R/2) each
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
-
-    def _rotate(self, x, cos, sin):
-        r = self.rotary_dim
-        x1, x2 = x[..., : r // 2].float(), x[..., r // 2 : r].float()
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-        return out if r == self.head_size else torch.cat((out, x[..., r:]), dim=-1)
+        return apply_rope(positions, query, key, self.cos_sin_cache, self.rotary_dim)
 
 # %% ../../nbs/11_rope.ipynb #d61fde07
 def rope_parameters_of(hf_config) -> dict:

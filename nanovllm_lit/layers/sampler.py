@@ -6,19 +6,24 @@
 from __future__ import annotations
 import torch
 from torch import nn
+from ..utils.context import compile_on_cuda
 
 # %% auto #0
-__all__ = ['Sampler']
+__all__ = ['sample', 'Sampler']
 
 # %% ../../nbs/14_sampler.ipynb #2cef8868
+@compile_on_cuda  # on the GPU the passes over (num_seqs, vocab) fuse into a few kernels (chapter 16)
+def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    # logits: (num_seqs, vocab) any float dtype; temperatures: (num_seqs,) float -> (num_seqs,) int64
+    logits = logits.float()
+    greedy = temperatures == 0  # (num_seqs,) bool, stays on device
+    t = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits.dtype)
+    probs = torch.softmax(logits / t.unsqueeze(1), dim=-1)  # (num_seqs, vocab)
+    noise = torch.empty_like(probs).exponential_(1).clamp_min_(1e-10)  # E_i ~ Exp(1), never exactly 0
+    sampled = (probs / noise).argmax(dim=-1)  # the exponential race
+    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
 class Sampler(nn.Module):
     "Sample one token per row from softmax(logits / T); rows with T == 0 take the argmax. No host sync."
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-        # logits: (num_seqs, vocab) any float dtype; temperatures: (num_seqs,) float -> (num_seqs,) int64
-        logits = logits.float()
-        greedy = temperatures == 0  # (num_seqs,) bool, stays on device
-        t = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits.dtype)
-        probs = torch.softmax(logits / t.unsqueeze(1), dim=-1)  # (num_seqs, vocab)
-        noise = torch.empty_like(probs).exponential_(1).clamp_min_(1e-10)  # E_i ~ Exp(1), never exactly 0
-        sampled = (probs / noise).argmax(dim=-1)  # the exponential race
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        return sample(logits, temperatures)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['Context', 'get_context', 'set_context', 'reset_context']
+__all__ = ['Context', 'get_context', 'set_context', 'reset_context', 'compile_on_cuda']
 
 # %% ../../nbs/16_context_loader.ipynb #63ea3578
 @dataclass
@@ -41,3 +41,17 @@ def reset_context() -> None:
     "Back to an empty context, so a stale batch can never leak into the next step."
     global _CONTEXT
     _CONTEXT = Context()
+
+# %% ../../nbs/16_context_loader.ipynb #cmp16
+import functools, os
+
+def compile_on_cuda(fn):
+    "`fn`, except that CUDA inputs (judged by the first argument) run a `torch.compile`d copy of it."
+    compiled = None
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal compiled
+        if not args[0].is_cuda or os.environ.get("NANOVLLM_LIT_COMPILE", "1") == "0": return fn(*args, **kwargs)
+        if compiled is None: compiled = torch.compile(fn, dynamic=True)  # subtle: built lazily, once per function
+        return compiled(*args, **kwargs)
+    return wrapper
