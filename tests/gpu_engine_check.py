@@ -22,12 +22,16 @@ from nanovllm_lit.sampling_params import SamplingParams
 from nanovllm_lit.utils.testing import make_tiny_qwen3
 
 RESULTS = []
+ONLY = []  # --only-tp: run just the checks whose names start with one of these
+
+
 
 
 def check(name):
     "Decorator: run a check, record PASS/FAIL with its time and message."
     def wrap(f):
         def run(*a, **k):
+            if ONLY and not name.startswith(tuple(ONLY)): return
             t = time.perf_counter()
             try:
                 msg = f(*a, **k) or ""
@@ -86,7 +90,9 @@ def prompts_with_prefixes():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1, help="2: also check TP=2 against TP=1")
+    ap.add_argument("--only-tp", action="store_true", help="with --tp: only the TP=1 baseline and the TP checks")
     args = ap.parse_args()
+    if args.only_tp: ONLY.extend(["fp32 triton + CUDA graphs == HF", "TP="])
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp()
