@@ -156,5 +156,7 @@ class LLMEngine:
             self.abort(seqs)
             raise
         finally: pbar.close()
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: None)
+        # The text leaves out special tokens (the EOS that ended a completion); token_ids keep it, as nano-vllm's do.
+        tok = self.tokenizer
+        decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else (lambda ids: None)
         return [{"text": decode(ids), "token_ids": ids} for ids in results]
