@@ -334,3 +334,26 @@ def test_gpu_cuda_graph_decode():
         assert out[-1].abs().max() == 0
         torch.testing.assert_close(tri.k_cache, ref.k_cache, atol=0, rtol=0, equal_nan=True)   # free slots are NaN
         torch.testing.assert_close(tri.v_cache, ref.v_cache, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter is only switched on where there is no GPU")
+def test_interpreter_works_when_triton_was_imported_first():
+    "Triton imported before the kernel module (as an HF forward pass can do) must not break the interpreter."
+    import subprocess, sys, textwrap
+    code = textwrap.dedent("""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        import triton.language as tl                      # built for the compiler
+        import torch
+        from triton.runtime.interpreter import InterpretedFunction
+        assert not isinstance(tl.cdiv, InterpretedFunction)
+        import nanovllm_lit.layers.triton_kernels as tk   # turns the interpreter on
+        assert isinstance(tl.cdiv, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
+        key = torch.randn(3, 2, 16); k_cache = torch.zeros(4, 16, 2, 16); v_cache = torch.zeros_like(k_cache)
+        tk.store_kvcache_triton(key, key, k_cache, v_cache, torch.tensor([0, -1, 17], dtype=torch.int32))
+        assert torch.equal(k_cache.view(-1, 2, 16)[[0, 17]], key[[0, 2]])
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

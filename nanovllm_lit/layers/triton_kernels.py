@@ -13,6 +13,20 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+def _rebuild_lang_for_interpreter():
+    "Rebuild triton.language's own @jit helpers (tl.cdiv, tl.sum, ...) as interpreted functions."
+    import importlib
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    if isinstance(tl.standard.cdiv, InterpretedFunction): return          # the usual case: nothing to do
+    std = importlib.reload(tl.standard)  # re-decorates them, now with the interpreter on
+    for name, obj in vars(std).items():
+        if isinstance(obj, (InterpretedFunction, JITFunction)) and hasattr(tl, name): setattr(tl, name, obj)
+
+# subtle: if something imported triton before the variable was set (HF transformers can, during a forward pass),
+# tl's helpers were built for the compiler and the interpreter cannot call them; rebuild them.
+if INTERPRET: _rebuild_lang_for_interpreter()
+
 # %% auto #0
 __all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'decode_num_splits', 'decode_attention',
            'prefill_attention', 'benchmark_decode']
