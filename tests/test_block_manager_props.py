@@ -217,4 +217,4 @@ def test_check_invariants_catches_corruption():
     with pytest.raises(AssertionError, match="free"): check_invariants(bm, [a])
     bm.free_block_ids.pop()
     a.block_table.append(a.block_table[0])
-    with pytest.raises(AssertionError): check_invariants(bm, [a])
+    with pytest.raises(AssertionError, match="twice in its table"): check_invariants(bm, [a])

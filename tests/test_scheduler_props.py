@@ -128,9 +128,45 @@ def workloads(draw):
     return cfg, reqs
 
 
+@functools.lru_cache(maxsize=None)
+def peak_blocks_alone(n, max_tokens, mml, bs):
+    "Observed, not derived: the most blocks one request ever holds, run alone (EOS ignored) in a pool that never runs dry."
+    sched = Scheduler(make_config(kvcache_block_size=bs, num_kvcache_blocks=4096, max_model_len=mml))
+    seq = Sequence([3] * n, SamplingParams(max_tokens=max_tokens, ignore_eos=True), block_size=bs)
+    sched.add(seq)
+    peak = 0
+    while not sched.is_finished():
+        seqs, _ = sched.schedule()
+        peak = max(peak, len(seq.block_table))
+        sched.postprocess(seqs, [3] * len(seqs))
+    return peak
+
+
 def fits(cfg, req):
+    "Would this request, alone, fit the pool? (Judged by running it, so the test does not repeat add's formula.)"
     n, mml, bs = len(req["prompt"]), cfg["max_model_len"], cfg["kvcache_block_size"]
-    return 0 < n <= mml and math.ceil(min(n + req["max_tokens"] - 1, mml) / bs) <= cfg["num_kvcache_blocks"]
+    return 0 < n <= mml and peak_blocks_alone(n, req["max_tokens"], mml, bs) <= cfg["num_kvcache_blocks"]
+
+
+def test_footprint_at_max_model_len():
+    "A sequence stops on reaching max_model_len, so it never feeds more than max_model_len - 1 tokens after prefill."
+    sched = Scheduler(make_config(kvcache_block_size=16, num_kvcache_blocks=2, max_model_len=33))
+    seq = Sequence([5] * 10, SamplingParams(max_tokens=100, ignore_eos=True), block_size=16)
+    sched.add(seq)                                   # peaks at 32 tokens = 2 blocks: accepted
+    while not sched.is_finished():
+        seqs, _ = sched.schedule()
+        sched.postprocess(seqs, [5] * len(seqs))
+    assert len(seq) == 33 and seq.finish_reason == "length"
+    full = Sequence([5] * 33, SamplingParams(max_tokens=4), block_size=16)
+    with pytest.raises(ValueError, match="never fit"): sched.add(full)   # a 33-token prompt needs 3 blocks
+
+
+def test_add_refuses_a_queued_sequence():
+    sched = Scheduler(make_config(kvcache_block_size=16, num_kvcache_blocks=4, max_model_len=64))
+    seq = Sequence([5] * 10, SamplingParams(max_tokens=4), block_size=16)
+    sched.add(seq)
+    with pytest.raises(ValueError, match="not a new sequence"): sched.add(seq)
+    assert len(sched.waiting) == 1
 
 
 def run_workload(cfg_kw, reqs, stats, trace=True):

@@ -33,14 +33,17 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         "Queue a new sequence; ValueError if it could never run."
         bs, num_blocks = self.block_manager.block_size, len(self.block_manager.blocks)
-        if seq.status != SequenceStatus.WAITING or seq.block_table:
-            raise ValueError(f"Scheduler.add: seq {seq.seq_id} is {seq.status.name}, not a new sequence")
+        if seq.status != SequenceStatus.WAITING or seq.block_table or seq.num_completion_tokens or seq in self.waiting:
+            raise ValueError(f"Scheduler.add: seq {seq.seq_id} is not a new sequence (already queued, running or done)")
         if seq.block_size != bs:
             raise ValueError(f"Scheduler.add: seq {seq.seq_id} has block_size {seq.block_size}, the KV cache uses {bs}")
         if len(seq) > self.max_model_len:
             raise ValueError(f"Scheduler.add: seq {seq.seq_id} has a {len(seq)}-token prompt, longer than "
                              f"max_model_len={self.max_model_len}")
-        max_kv_tokens = min(seq.num_prompt_tokens + seq.max_tokens - 1, self.max_model_len)
+        # the longest sequence ever fed to the model: the last sampled token is never fed back, and a sequence
+        # stops on reaching max_model_len (a prompt of exactly max_model_len tokens is only prefilled)
+        max_kv_tokens = max(seq.num_prompt_tokens,
+                            min(seq.num_prompt_tokens + seq.max_tokens - 1, self.max_model_len - 1))
         if (max_kv_tokens + bs - 1) // bs > num_blocks:
             raise ValueError(f"Scheduler.add: seq {seq.seq_id} can never fit the KV cache: up to {max_kv_tokens} tokens "
                              f"need {(max_kv_tokens + bs - 1) // bs} blocks of {bs}, the pool has {num_blocks} "
@@ -111,4 +114,8 @@ class Scheduler:
             "block_tables": {s.seq_id: list(s.block_table) for s in self.running},
             "ref_counts": {i: bm.blocks[i].ref_count for i in sorted(bm.used_block_ids)},
             "cached_blocks": {s.seq_id: s.num_cached_blocks for s in self.running},
+            "num_blocks": len(bm.blocks), "block_size": bm.block_size,
+            "seq_lens": {s.seq_id: len(s) for s in self.running},
+            "hashed": [b.block_id for b in bm.blocks if b.hash is not None],
+            "indexed": sorted(bm.hash_to_block_id.values()),
             "finished": []})   # filled in by postprocess

@@ -95,7 +95,7 @@ def show_blocks(seq: Sequence, max_tokens_shown: int = 8) -> str:
     for r in block_rows(seq):
         toks = r["tokens"]
         if len(toks) > max_tokens_shown:
-            h = max_tokens_shown // 2
+            h = max(1, max_tokens_shown // 2)   # subtle: toks[-0:] would be the whole block
             shown = " ".join(map(str, toks[:h])) + " … " + " ".join(map(str, toks[-h:]))
         else: shown = " ".join(map(str, toks))
         fill = f"({len(toks)}/{seq.block_size})"
