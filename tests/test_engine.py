@@ -157,8 +157,8 @@ def test_bad_input_errors_and_engine_keeps_serving(ckpt, tmp_path):
         outs = llm.generate([[9, 10, 11]], GREEDY, use_tqdm=False)
         assert outs[0]["token_ids"] == hf_greedy(ckpt, [[9, 10, 11]], 16)[0]
         assert llm.is_finished()
-    # the request queued before the errors was served too (by generate's loop); a fresh engine after exit works
-    assert queued >= 0
+        # the request queued before the errors was served by generate's loop too, and its output was kept
+        assert llm.outputs[queued] == hf_greedy(ckpt, [[3, 4, 5]], 16)[0]
     empty = tmp_path / "no_config"; empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"): LLM(str(empty))
 
@@ -269,3 +269,44 @@ def test_two_engines_at_once_and_worker_failures(ckpt, tmp_path):
         with pytest.raises(WorkerError, match="exit code -9"): c.generate(prompts[:1], TP_SP, use_tqdm=False)
     leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"nanovllm_lit_{os.getpid()}_")]
     assert not leftovers, leftovers
+
+
+def _fail_once_in_run(llm, at_call):
+    "Make the model run raise KeyboardInterrupt on its `at_call`-th call, after the step was scheduled."
+    real_call, n = llm.model_runner.call, []
+    def call(method, *args):
+        if method == "run":
+            n.append(1)
+            if len(n) == at_call: raise KeyboardInterrupt
+        return real_call(method, *args)
+    llm.model_runner.call = call
+    return lambda: setattr(llm.model_runner, "call", real_call)
+
+
+@pytest.mark.parametrize("at_call", [1, 3])   # the failure hits the prefill, or a decode step
+def test_failed_run_leaves_no_stale_prefix_cache(ckpt, at_call):
+    "A step whose forward pass fails must not leave hashed blocks without KV, and the engine keeps serving."
+    prompts = shared_prefix_prompts()
+    with LLMEngine(ckpt, **SMALL, num_kvcache_blocks=64) as llm:
+        restore = _fail_once_in_run(llm, at_call)
+        with pytest.raises(KeyboardInterrupt): llm.generate(prompts, GREEDY, use_tqdm=False)
+        restore()
+        bm = llm.scheduler.block_manager
+        assert llm.is_finished() and not bm.used_block_ids
+        again = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert again == hf_greedy(ckpt, prompts, 16)
+
+
+def test_failed_step_on_the_step_api_is_rolled_back(ckpt):
+    "add_request + step(): a failed decode at a block boundary re-queues the sequence, which then finishes right."
+    prompt = list(range(3, 3 + 31))          # 31 tokens: the first decode step fills block 2 (block size 16)
+    with LLMEngine(ckpt, **SMALL, num_kvcache_blocks=64) as llm:
+        sid = llm.add_request(prompt, GREEDY)
+        llm.step()                           # prefill
+        restore = _fail_once_in_run(llm, 1)
+        with pytest.raises(KeyboardInterrupt): llm.step()
+        restore()
+        assert list(llm.scheduler.waiting) and not llm.scheduler.running   # re-queued, nothing half-done
+        outs = []
+        while not llm.is_finished(): outs += llm.step()[0]
+        assert outs == [(sid, hf_greedy(ckpt, [prompt], 16)[0])]

@@ -109,6 +109,13 @@ class BlockManager:
                     self.hash_to_block_id[h] = block_id
             seq.block_table.append(block_id)
 
+    def forget(self, block_id: int) -> None:
+        "Drop a block's hash and tokens: its KV was never written (a failed step), so nobody may hit it."
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
+            del self.hash_to_block_id[block.hash]
+        block.hash, block.token_ids = None, []
+
     def deallocate(self, seq: Sequence) -> None:
         "Drop `seq`'s references; blocks nobody holds go back to the free list (tail first), still cached."
         for block_id in reversed(seq.block_table):

@@ -36,6 +36,7 @@ class LLMEngine:
         if unknown: raise TypeError(f"LLMEngine: unknown option(s) {unknown}; the options are {sorted(allowed)}")
         config = Config(model, **config_kwargs)
         self.tokenizer = load_tokenizer(config.model)
+        self.outputs: dict[int, list[int]] = {}   # seq_id -> tokens of add_request()s that generate() finished
         eos = getattr(self.tokenizer, "eos_token_id", None)
         if eos is not None: config.eos_token_ids = frozenset(config.eos_token_ids) | {int(eos)}
         if config.tensor_parallel_size > 1 and dist.is_initialized():  # checked before spawning anything
@@ -102,7 +103,10 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs: return [], 0
         num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
-        token_ids = self.model_runner.call("run", seqs, is_prefill)
+        try: token_ids = self.model_runner.call("run", seqs, is_prefill)
+        except BaseException:   # the KV of this step may not exist: never let it be hit, re-queue the batch
+            self.scheduler.rollback(seqs, is_prefill)
+            raise
         self.scheduler.postprocess(seqs, token_ids)
         return [(s.seq_id, s.completion_token_ids) for s in seqs if s.is_finished], num_tokens
 
@@ -152,6 +156,7 @@ class LLMEngine:
                     if seq_id in index:
                         results[index[seq_id]] = token_ids
                         pbar.update(1)
+                    else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
         except BaseException:   # e.g. KeyboardInterrupt: leave no half-done request of ours behind
             self.abort(seqs)
             raise

@@ -91,6 +91,18 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         self.waiting.appendleft(seq)
 
+    def rollback(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        "Undo a scheduled step whose model run failed: un-hash the blocks it was to fill, re-queue its sequences."
+        bm = self.block_manager
+        for seq in seqs:
+            if seq.status != SequenceStatus.RUNNING: continue
+            # NOTE: allocate/may_append hash a block when it is scheduled, before its KV is written; if the write
+            # never happened those hashes would serve garbage KV to the next request with the same prefix.
+            first = seq.num_cached_blocks if is_prefill else len(seq.block_table) - 1
+            for block_id in seq.block_table[first:]: bm.forget(block_id)
+            self.running.remove(seq)
+            self.preempt(seq)
+
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         "Append each sampled token; finish on EOS / max_tokens / max_model_len and release the blocks."
         finished = []
