@@ -26,11 +26,16 @@ def apply_rope(positions, query, key, cos_sin_cache, rotary_dim: int):
 
 class RotaryEmbedding(nn.Module):
     "Neox-style rotary embedding with a precomputed float32 `[cos | sin]` table."
-    def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int, base: float):
+    def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int, base: float,
+                 cos_sin_cache: torch.Tensor | None = None):
         super().__init__()
         if rotary_dim > head_size or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be even and <= head_size ({head_size}), got {rotary_dim}")
         self.head_size, self.rotary_dim = head_size, rotary_dim
+        if cos_sin_cache is not None:                  # a table shared with other layers (see `get_rope`)
+            assert cos_sin_cache.shape == (max_position_embeddings, rotary_dim), cos_sin_cache.shape
+            self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
+            return
         # subtle: same expression as HF (int arange -> float, then divide), so the angles agree to the last bit.
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # (R/2,)
         t = torch.arange(max_position_embeddings, dtype=torch.float)
@@ -68,13 +73,14 @@ def rope_scaling_of(hf_config) -> dict | None:
 
 # %% ../../nbs/11_rope.ipynb #f5a29930
 @lru_cache(maxsize=None)
-def _get_rope(head_size, rotary_dim, max_position, base, device):
-    with torch.device(device): return RotaryEmbedding(head_size, rotary_dim, max_position, base)
+def _rope_table(head_size, rotary_dim, max_position, base, device) -> torch.Tensor:
+    with torch.device(device): return RotaryEmbedding(head_size, rotary_dim, max_position, base).cos_sin_cache
 
 def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float, rope_scaling: dict | None = None):
-    "Shared `RotaryEmbedding` for these settings; `rope_scaling` other than plain RoPE raises ValueError."
+    "A `RotaryEmbedding` sharing one cached cos/sin table per setting; unsupported `rope_scaling` raises ValueError."
     if rope_scaling is not None:
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope_scaling of type {rope_type!r} is not supported (only plain RoPE): {rope_scaling}")
-    return _get_rope(head_size, rotary_dim, max_position, float(base), str(torch.get_default_device()))
+    table = _rope_table(head_size, rotary_dim, max_position, float(base), str(torch.get_default_device()))
+    return RotaryEmbedding(head_size, rotary_dim, max_position, base, cos_sin_cache=table)
