@@ -310,3 +310,16 @@ def test_failed_step_on_the_step_api_is_rolled_back(ckpt):
         outs = []
         while not llm.is_finished(): outs += llm.step()[0]
         assert outs == [(sid, hf_greedy(ckpt, [prompt], 16)[0])]
+
+
+def test_warmup_batches_cover_both_memory_peaks(ckpt):
+    "The GPU warm-up prefills: the longest sequences, and max_num_seqs sequences using the whole token budget."
+    with LLMEngine(ckpt, max_model_len=200, max_num_batched_tokens=500, max_num_seqs=7) as llm:
+        longest, widest = llm.model_runner.warmup_batches()
+        assert [len(s) for s in longest] == [200, 200]
+        assert len(widest) == 7 and sum(map(len, widest)) == 500 and max(map(len, widest)) <= 200
+        for batch in (longest, widest):          # both run (here on the CPU, without a KV cache to write)
+            assert len(llm.model_runner.run(batch, True)) == len(batch)
+    with LLMEngine(ckpt, max_model_len=200, max_num_batched_tokens=500, max_num_seqs=2) as llm:
+        longest, widest = llm.model_runner.warmup_batches()
+        assert [len(s) for s in widest] == [200, 200]   # never longer than max_model_len

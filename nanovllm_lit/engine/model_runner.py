@@ -264,15 +264,22 @@ class ModelRunner:
         else: load_model(model, self.config.model)
         return model.eval()
 
+    def warmup_batches(self) -> list[list[Sequence]]:
+        "The prefills that bound activation memory: fewest-longest sequences, and the most sequences (logits, sampler)."
+        c, bs = self.config, self.block_size
+        T = c.max_num_batched_tokens
+        longest = [c.max_model_len] * max(1, min(T // c.max_model_len, c.max_num_seqs))
+        n = min(c.max_num_seqs, T)
+        total = min(T, n * c.max_model_len)                  # subtle: no sequence may exceed max_model_len
+        widest = [total // n + (i < total % n) for i in range(n)]
+        return [[Sequence([0] * L, SamplingParams(), block_size=bs) for L in lens] for lens in (longest, widest)]
+
     def warmup_model(self):
-        "GPU: run the largest prefill the scheduler may schedule, so the allocator's peak is the real peak."
+        "GPU: run the prefills that need the most activation memory, so the allocator's peak is the real peak."
         if self.device.type != "cuda": return  # NOTE: the CPU KV budget is fixed; there is no peak to measure
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        max_len = self.config.max_model_len
-        num_seqs = max(1, min(self.config.max_num_batched_tokens // max_len, self.config.max_num_seqs))
-        seqs = [Sequence([0] * max_len, SamplingParams(), block_size=self.block_size) for _ in range(num_seqs)]
-        self.run(seqs, True)
+        for seqs in self.warmup_batches(): self.run(seqs, True)
         torch.cuda.empty_cache()
 
     def allocate_kv_cache(self):
