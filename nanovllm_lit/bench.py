@@ -4,7 +4,7 @@
 
 # %% ../nbs/17a_bench.ipynb #7974ca95
 from __future__ import annotations
-import argparse, itertools, os, random, sys, tempfile, time
+import argparse, itertools, os, random, tempfile, time
 import torch
 from .sampling_params import SamplingParams
 
