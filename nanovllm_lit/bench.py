@@ -4,7 +4,7 @@
 
 # %% ../nbs/17a_bench.ipynb #7974ca95
 from __future__ import annotations
-import argparse, itertools, os, random, tempfile, time
+import argparse, itertools, os, random, sys, tempfile, time
 import torch
 from .sampling_params import SamplingParams
 
@@ -28,7 +28,7 @@ def make_workload(num_seqs: int = 256, min_input_len: int = 100, max_input_len: 
     return prompts, params
 
 # %% ../nbs/17a_bench.ipynb #a7914429
-H100_FLOOR_TOK_S = 25_200      # workload W, Qwen3-0.6B, one H100 (DESIGN.md)
+H100_FLOOR_TOK_S = 25_200      # workload W, Qwen3-0.6B, one H100 (chapter 02)
 H100_BANDWIDTH, H100_FLOPS = 2.97e12, 789e12  # measured on the lent H100: bytes/s, bf16 FLOP/s
 
 def num_params(hf_config) -> int:
@@ -153,4 +153,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 # %% ../nbs/17a_bench.ipynb #48a86eac
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "ipykernel" not in sys.modules:   # a notebook cell also runs as __main__
+    main()

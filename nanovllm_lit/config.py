@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 import torch
 from transformers import AutoConfig
+from .utils.patch import patch_to
 
 # %% auto #0
 __all__ = ['checkpoint_dtype', 'read_eos_token_ids', 'Config']
@@ -71,53 +72,72 @@ class Config:
     eos_token_ids: frozenset = field(default_factory=frozenset)  # filled in __post_init__ when empty
 
     def __post_init__(self):
-        # the checkpoint
-        self.model = os.fspath(self.model)
-        if not os.path.isdir(self.model):
-            raise FileNotFoundError(f"Config.model: model directory not found: {self.model!r}")
-        if not os.path.isfile(os.path.join(self.model, "config.json")):
-            raise FileNotFoundError(f"Config.model: no config.json in {self.model!r} (is this a HF checkpoint dir?)")
-        self.hf_config = AutoConfig.from_pretrained(self.model)
-        # budgets
-        self.max_num_seqs = _check_int("max_num_seqs", self.max_num_seqs, 1)
-        self.max_model_len = _check_int("max_model_len", self.max_model_len, 1)
-        max_pos = getattr(self.hf_config, "max_position_embeddings", None)
-        if max_pos: self.max_model_len = min(self.max_model_len, max_pos)
-        self.max_num_batched_tokens = _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"Config.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                             f"({self.max_model_len}), or a prompt of max_model_len tokens could never be prefilled")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"Config.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        # device, and what depends on it
-        if self.device is None: self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device not in ("cuda", "cpu"):
-            raise ValueError(f"Config.device must be 'cuda', 'cpu' or None, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("Config.device is 'cuda' but torch.cuda.is_available() is False")
-        tp_max = min(8, torch.cuda.device_count()) if self.device == "cuda" else 8
-        self.tensor_parallel_size = _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, tp_max)
-        if self.dtype is None:
-            self.dtype = (checkpoint_dtype(self.hf_config) or "bfloat16") if self.device == "cuda" else "float32"
-        self.dtype = str(self.dtype).removeprefix("torch.")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"Config.dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.attention_backend is None:
-            self.attention_backend = ("torch" if self.device == "cpu" else
-                                      "flash-attn" if _flash_attn_importable() else "triton")
-        if self.attention_backend not in _BACKENDS:
-            raise ValueError(f"Config.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
-        if self.attention_backend == "flash-attn" and self.device != "cuda":
-            raise ValueError("Config.attention_backend 'flash-attn' needs device='cuda'")
-        # KV-cache geometry
-        if self.kvcache_block_size is None: self.kvcache_block_size = 256 if self.device == "cuda" else 16
-        bs = self.kvcache_block_size = _check_int("kvcache_block_size", self.kvcache_block_size, 1)
-        multiple = 256 if self.attention_backend == "flash-attn" else 16
-        if bs % multiple:
-            raise ValueError(f"Config.kvcache_block_size must be a multiple of {multiple} "
-                             f"for the {self.attention_backend!r} backend, got {bs}")
-        if self.num_kvcache_blocks is not None:
-            self.num_kvcache_blocks = _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
-        self.cpu_kvcache_bytes = _check_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes, 1)
-        # stopping
+        # in dependency order: the length limit needs the checkpoint, the block size needs the device
+        self._check_checkpoint()
+        self._check_budgets()
+        self._resolve_device()
+        self._check_kv_cache()
         self.eos_token_ids = frozenset(self.eos_token_ids) or read_eos_token_ids(self.model, self.hf_config)
+
+# %% ../nbs/03_config.ipynb #5c96f200
+@patch_to(Config)
+def _check_checkpoint(self):
+    "The model directory exists and is a HF checkpoint; load its `hf_config`."
+    self.model = os.fspath(self.model)
+    if not os.path.isdir(self.model):
+        raise FileNotFoundError(f"Config.model: model directory not found: {self.model!r}")
+    if not os.path.isfile(os.path.join(self.model, "config.json")):
+        raise FileNotFoundError(f"Config.model: no config.json in {self.model!r} (is this a HF checkpoint dir?)")
+    self.hf_config = AutoConfig.from_pretrained(self.model)
+
+@patch_to(Config)
+def _check_budgets(self):
+    "Batch budgets are positive ints; `max_model_len` is clipped to the checkpoint; a full prompt fits one prefill."
+    self.max_num_seqs = _check_int("max_num_seqs", self.max_num_seqs, 1)
+    self.max_model_len = _check_int("max_model_len", self.max_model_len, 1)
+    max_pos = getattr(self.hf_config, "max_position_embeddings", None)
+    if max_pos: self.max_model_len = min(self.max_model_len, max_pos)
+    self.max_num_batched_tokens = _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+    if self.max_num_batched_tokens < self.max_model_len:
+        raise ValueError(f"Config.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                         f"({self.max_model_len}), or a prompt of max_model_len tokens could never be prefilled")
+    if not 0 < self.gpu_memory_utilization <= 1:
+        raise ValueError(f"Config.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+
+# %% ../nbs/03_config.ipynb #bbc156a0
+@patch_to(Config)
+def _resolve_device(self):
+    "Resolve `device`, `dtype`, `attention_backend`; check `tensor_parallel_size` against the devices."
+    if self.device is None: self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if self.device not in ("cuda", "cpu"):
+        raise ValueError(f"Config.device must be 'cuda', 'cpu' or None, got {self.device!r}")
+    if self.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("Config.device is 'cuda' but torch.cuda.is_available() is False")
+    tp_max = min(8, torch.cuda.device_count()) if self.device == "cuda" else 8
+    self.tensor_parallel_size = _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, tp_max)
+    if self.dtype is None:
+        self.dtype = (checkpoint_dtype(self.hf_config) or "bfloat16") if self.device == "cuda" else "float32"
+    self.dtype = str(self.dtype).removeprefix("torch.")
+    if self.dtype not in _DTYPES:
+        raise ValueError(f"Config.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+    if self.attention_backend is None:
+        self.attention_backend = ("torch" if self.device == "cpu" else
+                                  "flash-attn" if _flash_attn_importable() else "triton")
+    if self.attention_backend not in _BACKENDS:
+        raise ValueError(f"Config.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+    if self.attention_backend == "flash-attn" and self.device != "cuda":
+        raise ValueError("Config.attention_backend 'flash-attn' needs device='cuda'")
+
+# %% ../nbs/03_config.ipynb #5f408981
+@patch_to(Config)
+def _check_kv_cache(self):
+    "Resolve and check `kvcache_block_size`; check `num_kvcache_blocks` and `cpu_kvcache_bytes`."
+    if self.kvcache_block_size is None: self.kvcache_block_size = 256 if self.device == "cuda" else 16
+    bs = self.kvcache_block_size = _check_int("kvcache_block_size", self.kvcache_block_size, 1)
+    multiple = 256 if self.attention_backend == "flash-attn" else 16
+    if bs % multiple:
+        raise ValueError(f"Config.kvcache_block_size must be a multiple of {multiple} "
+                         f"for the {self.attention_backend!r} backend, got {bs}")
+    if self.num_kvcache_blocks is not None:
+        self.num_kvcache_blocks = _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
+    self.cpu_kvcache_bytes = _check_int("cpu_kvcache_bytes", self.cpu_kvcache_bytes, 1)

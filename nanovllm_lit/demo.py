@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_overview.ipynb #c76219f1
 from __future__ import annotations
-import argparse
+import argparse, sys
 from pathlib import Path
 
 # %% auto #0
@@ -40,5 +40,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 # %% ../nbs/01_overview.ipynb #cf87c7be
 #| eval: false
-if __name__ == '__main__':
+if __name__ == '__main__' and 'ipykernel' not in sys.modules:   # a notebook cell also runs as __main__
     main()

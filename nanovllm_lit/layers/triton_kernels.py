@@ -124,6 +124,7 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
         tl.store(part_o_ptr + row[:, None] * D_P + offs_d[None, :], o, mask=gd_mask)
         tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
 
+# %% ../../nbs/10a_triton_kernels.ipynb #f05e3608
 @triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h,
                           H: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
