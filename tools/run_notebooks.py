@@ -5,6 +5,7 @@
     python tools/run_notebooks.py --check-committed   # only check: no committed notebook holds an error output
     python tools/run_notebooks.py nbs/05_block_manager.ipynb -j 1
 
+A cell flagged `#| output: false` (a benchmark's timing, say) keeps no output in the committed notebook.
 Unlike `nbdev_test`, cells flagged `#| cuda` / `#| slow` run too (a `#| cuda` cell prints "skipped" on a machine
 without a GPU, through `skip_cuda_cells_without_gpu`). Outputs are made reproducible for committing: progress
 bars off (TQDM_DISABLE), fixed hash seed, and no execution counts or timing metadata.
@@ -38,6 +39,7 @@ def scrub(nb) -> None:
         c.metadata.pop("execution", None)
         if c.cell_type != "code": continue
         c.execution_count = None
+        if "#| output: false" in c.source: c.outputs = []   # a timing or the like: shown when run, never committed
         for o in c.get("outputs", []):
             if "execution_count" in o: o["execution_count"] = None
             o.get("metadata", {}).clear() if isinstance(o.get("metadata"), dict) else None
