@@ -8,6 +8,7 @@ import json, os
 from glob import glob
 import torch
 from torch import nn
+from ..layers.linear import _copy_checked
 
 # %% auto #0
 __all__ = ['checkpoint_files', 'map_name', 'default_weight_loader', 'load_model']
@@ -56,9 +57,7 @@ def _checkpoint_name(param_name: str, shard_id, packed_modules_mapping: dict) ->
 # %% ../../nbs/16a_loader.ipynb #77ac4b50
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
     "Copy a full tensor into an unsharded parameter; ValueError (not broadcasting) on a shape mismatch."
-    if tuple(param.shape) != tuple(loaded_weight.shape):
-        raise ValueError(f"loaded shape {tuple(loaded_weight.shape)} does not match expected {tuple(param.shape)}")
-    param.data.copy_(loaded_weight)
+    _copy_checked(param.data, loaded_weight, "default_weight_loader")   # the same check as every layer's loader
 
 def _fmt(names, limit=8):
     names = sorted(names)
