@@ -68,6 +68,17 @@ def store_kvcache_triton(key, value, k_cache, v_cache, slot_mapping) -> None:
                                 k_cache, v_cache, k_cache.stride(1), k_cache.stride(2), slot_mapping,
                                 KVH, D, triton.next_power_of_2(KVH), triton.next_power_of_2(D))
 
+# %% ../../nbs/10a_triton_kernels.ipynb #c2db5b57
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    "Fold one tile's scores `s` (rows, BLOCK_N; log2 units, -inf = masked) and values `v` into (m_i, l_i, acc)."
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)                                   # rescales what was summed so far
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
 # %% ../../nbs/10a_triton_kernels.ipynb #39baaecd
 @triton.jit
 def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
@@ -106,12 +117,7 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # NOTE: masked to 0: free slots may hold NaN
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (GROUP_P, BLOCK_N), log2 units
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)                           # empty split or empty sequence -> zeros
     o = acc / l_safe[:, None]
@@ -248,12 +254,7 @@ def _prefill_kernel(q_ptr, q_stride_n, q_stride_h,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
         visible = ((n0 + offs_n)[None, :] <= prefix + offs_m[:, None]) & n_valid[None, :]   # bottom-right causal
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows * o_stride_n + h * o_stride_h + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
              mask=m_mask & d_mask)
