@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from collections import Counter, defaultdict
 from typing import NamedTuple
+from .engine.block_manager import trace_record
 
 # %% auto #0
 __all__ = ['PALETTE', 'HIT', 'CACHED', 'FREE', 'snapshot', 'TraceRecorder', 'fake_token', 'fake_model_step', 'BlockCell',
@@ -22,26 +23,10 @@ def snapshot(target, seqs=(), step: int = 0, is_prefill: bool | None = None, seq
     "One trace record of a live `Scheduler` (or engine), of a `BlockManager` plus its `seqs`, or of sequences alone."
     target = getattr(target, "scheduler", target)          # an engine: look at its scheduler
     bm = getattr(target, "block_manager", target)
-    if bm is not target: seqs = _live_seqs(target)
+    if bm is not target: seqs = _live_seqs(target)          # a scheduler: every sequence it holds
     elif hasattr(target, "block_table") or isinstance(target, (list, tuple)):   # sequences only, no pool
         seqs, bm = ([target] if hasattr(target, "block_table") else list(target)), None
-    seqs = list(seqs)
-    bs = bm.block_size if bm is not None else seqs[0].block_size if seqs else None
-    if bm is not None: refs = {b.block_id: b.ref_count for b in bm.blocks if b.ref_count > 0}
-    else: refs = dict(Counter(b for s in seqs for b in s.block_table))       # without a pool: count holders
-    return {
-        "step": step, "is_prefill": is_prefill, "seq_ids": list(seq_ids), "preempted": list(preempted),
-        "num_free_blocks": len(bm.free_block_ids) if bm is not None else None,
-        "block_tables": {s.seq_id: list(s.block_table) for s in seqs},
-        "ref_counts": refs,
-        "cached_blocks": {s.seq_id: s.num_cached_tokens // s.block_size for s in seqs},
-        "num_blocks": len(bm.blocks) if bm is not None else None, "block_size": bs,
-        "seq_lens": {s.seq_id: len(s) for s in seqs},
-        "status": {s.seq_id: s.status.name.lower() for s in seqs},
-        "hashed": [b.block_id for b in bm.blocks if b.hash is not None] if bm is not None else [],
-        # NOTE: a freed block can be hit again only while the hash index still points at it.
-        "indexed": sorted(bm.hash_to_block_id.values()) if bm is not None else [],
-    }
+    return trace_record(bm, seqs, step=step, is_prefill=is_prefill, seq_ids=seq_ids, preempted=preempted)
 
 # %% ../nbs/05a_cache_widgets.ipynb #840ae51d
 class TraceRecorder:
@@ -221,14 +206,17 @@ class BlockGridView:
         tiles = "".join(self._tile(c, bs) for c in cells)
         more = (f'<div style="font:11px sans-serif;color:#666">… {len(self.cells) - len(cells)} more blocks</div>'
                 if len(self.cells) > len(cells) else "")
-        n_used = sum(c.state == "used" for c in self.cells); n_cached = sum(c.state == "cached" for c in self.cells)
-        caption = (f"{len(self.cells)} blocks of {bs} tokens: {n_used} used, {n_cached} free but cached, "
-                   f"{len(self.cells) - n_used - n_cached} free")
-        return (f'<div class="nvl-grid-view"><div style="font:12px sans-serif;margin:2px 0">{caption}</div>'
+        return (f'<div class="nvl-grid-view"><div style="font:12px sans-serif;margin:2px 0">{self.caption()}</div>'
                 f'<div class="nvl-grid" style="display:grid;grid-template-columns:repeat({self.columns}, 44px);'
                 f'gap:3px">{tiles}</div>{more}</div>')
 
+    def caption(self) -> str:
+        n_used = sum(c.state == "used" for c in self.cells); n_cached = sum(c.state == "cached" for c in self.cells)
+        return (f"{len(self.cells)} blocks of {self.record.get('block_size')} tokens: {n_used} used, "
+                f"{n_cached} free but cached, {len(self.cells) - n_used - n_cached} free")
+
     def _repr_html_(self): return self.to_html()
+    def __repr__(self): return f"BlockGridView({self.caption()})"   # the text a plain-text frontend shows
 
 # %% ../nbs/05a_cache_widgets.ipynb #11dbe198
 class BlockTableView:
@@ -262,6 +250,9 @@ class BlockTableView:
                 f'▶ = scheduled this step</div></div>')
 
     def _repr_html_(self): return self.to_html()
+    def __repr__(self):
+        n, hits = sum(map(len, self.tables.values())), sum(e.hit for es in self.tables.values() for e in es)
+        return f"BlockTableView({len(self.tables)} sequences, {n} table entries, {hits} hits)"
 
 # %% ../nbs/05a_cache_widgets.ipynb #48da0c3d
 def frame_header(record, hit: HitPoint | None = None) -> str:

@@ -51,6 +51,7 @@ def check_scheduler(sched, everyone):
     check_invariants(bm, everyone)
     waiting, running = list(sched.waiting), list(sched.running)
     assert not {id(s) for s in waiting} & {id(s) for s in running}, "a sequence in both queues"
+    assert sched.waiting_ids == {s.seq_id for s in waiting} and len(sched.waiting_ids) == len(waiting)
     assert len(running) <= sched.max_num_seqs
     for s in waiting:
         assert s.status == SequenceStatus.WAITING and not s.block_table and s.num_cached_tokens == 0
@@ -161,12 +162,26 @@ def test_footprint_at_max_model_len():
     with pytest.raises(ValueError, match="never fit"): sched.add(full)   # a 33-token prompt needs 3 blocks
 
 
+def test_footprint_stops_short_of_max_model_len():
+    "max_model_len=65, 4 blocks of 16: a 60-token prompt with max_tokens=10 stops at 65 tokens, so KV for 64 fits."
+    sched = Scheduler(make_config(kvcache_block_size=16, num_kvcache_blocks=4, max_model_len=65,
+                                  max_num_batched_tokens=65))
+    seq = Sequence([5] * 60, SamplingParams(max_tokens=10, ignore_eos=True), block_size=16)
+    sched.check(seq)
+    assert sched.is_finished() and not sched.waiting_ids                 # check is side-effect free
+    sched.add(seq)
+    drive(sched, [], [seq], Counter())
+    assert (len(seq), seq.finish_reason) == (65, "length")
+    with pytest.raises(ValueError, match="needs 5 KV-cache blocks"):      # a 65-token prompt is prefilled whole
+        sched.check(Sequence([5] * 65, SamplingParams(max_tokens=1), block_size=16))
+
+
 def test_add_refuses_a_queued_sequence():
     sched = Scheduler(make_config(kvcache_block_size=16, num_kvcache_blocks=4, max_model_len=64))
     seq = Sequence([5] * 10, SamplingParams(max_tokens=4), block_size=16)
     sched.add(seq)
     with pytest.raises(ValueError, match="not a new sequence"): sched.add(seq)
-    assert len(sched.waiting) == 1
+    assert len(sched.waiting) == 1 and sched.waiting_ids == {seq.seq_id}
 
 
 def run_workload(cfg_kw, reqs, stats, trace=True):

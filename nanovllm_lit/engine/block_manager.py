@@ -9,9 +9,10 @@ from numbers import Integral
 import numpy as np
 import xxhash
 from .sequence import Sequence
+from ..utils.patch import patch_to
 
 # %% auto #0
-__all__ = ['Block', 'BlockManager', 'pool_map', 'check_invariants']
+__all__ = ['Block', 'BlockManager', 'pool_map', 'check_invariants', 'trace_record']
 
 # %% ../../nbs/05_block_manager.ipynb #186e4518
 class Block:
@@ -62,87 +63,6 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int: return len(self.free_block_ids)
 
-    def _take_block(self, block_id: int) -> Block:
-        block = self.blocks[block_id]
-        assert block.ref_count == 0, f"block {block_id} is in use"
-        self.free_block_ids.remove(block_id)   # O(1) at the front; a re-hit in the middle scans
-        self.used_block_ids.add(block_id)
-        block.ref_count = 1
-        return block
-
-    def _allocate_block(self) -> Block:
-        block = self.blocks[self.free_block_ids[0]]
-        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
-            del self.hash_to_block_id[block.hash]   # evict: its KV is about to be overwritten
-        block.reset()
-        return self._take_block(block.block_id)
-
-    def _deallocate_block(self, block_id: int) -> None:
-        assert self.blocks[block_id].ref_count == 0
-        self.used_block_ids.remove(block_id)
-        self.free_block_ids.append(block_id)      # keeps hash + tokens: still hittable until reused
-
-    def can_allocate(self, seq: Sequence) -> bool:
-        return len(self.free_block_ids) >= seq.num_blocks
-
-    def allocate(self, seq: Sequence) -> None:
-        "Give `seq` a block table for all its tokens, reusing cached full blocks of its prefix."
-        assert not seq.block_table, f"seq {seq.seq_id} already holds blocks"
-        assert seq.block_size == self.block_size, f"seq block_size {seq.block_size} != {self.block_size}"
-        seq.num_cached_tokens, h, hit = 0, None, True
-        for i in range(seq.num_blocks):
-            token_ids = seq.block(i)
-            h = self.compute_hash(token_ids, h) if len(token_ids) == self.block_size else None
-            if hit:
-                block_id = self.hash_to_block_id.get(h) if h is not None else None
-                hit = (block_id is not None and i < seq.num_blocks - 1   # NOTE: last block never hits (#144)
-                       and self.blocks[block_id].token_ids == token_ids)  # subtle: guards against collisions
-            if hit:
-                seq.num_cached_tokens += self.block_size
-                if block_id in self.used_block_ids: self.blocks[block_id].ref_count += 1
-                else: self._take_block(block_id)                          # a freed block, re-hit
-            else:
-                block = self._allocate_block()
-                block_id = block.block_id
-                if h is not None:
-                    block.update(h, token_ids)
-                    self.hash_to_block_id[h] = block_id
-            seq.block_table.append(block_id)
-
-    def forget(self, block_id: int) -> None:
-        "Drop a block's hash and tokens: its KV was never written (a failed step), so nobody may hit it."
-        block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
-            del self.hash_to_block_id[block.hash]
-        block.hash, block.token_ids = None, []
-
-    def deallocate(self, seq: Sequence) -> None:
-        "Drop `seq`'s references; blocks nobody holds go back to the free list (tail first), still cached."
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0: self._deallocate_block(block_id)
-        seq.num_cached_tokens = 0
-        seq.block_table.clear()
-        seq.needs_prefill = True       # its KV is no longer guaranteed: a re-prefill must recompute it
-
-    def can_append(self, seq: Sequence) -> bool:
-        return len(self.free_block_ids) >= seq.num_blocks - len(seq.block_table)
-
-    def may_append(self, seq: Sequence) -> None:
-        "Before a decode step: a block for the last token's slot; hash the last block if this step fills it."
-        table = seq.block_table
-        assert table and seq.num_blocks - len(table) in (0, 1), f"seq {seq.seq_id}: table out of step"
-        if len(table) < seq.num_blocks:          # the last token starts a new block
-            table.append(self._allocate_block().block_id)
-        if len(seq) % self.block_size == 0:      # the step writes the last slot: the block becomes full
-            last = self.blocks[table[-1]]
-            assert last.hash is None and last.ref_count == 1   # NOTE: we only ever write blocks we hold alone
-            prefix = self.blocks[table[-2]].hash if len(table) > 1 else None
-            token_ids = seq.block(len(table) - 1)
-            last.update(self.compute_hash(token_ids, prefix), token_ids)
-            self.hash_to_block_id[last.hash] = last.block_id
-
     def __repr__(self): return pool_map(self)
 
 # %% ../../nbs/05_block_manager.ipynb #818947ff
@@ -160,6 +80,64 @@ def pool_map(bm: BlockManager, max_blocks: int = 32) -> str:
     head = (f"BlockManager({len(bm.blocks)} blocks x {bm.block_size} tokens: {len(bm.used_block_ids)} used, "
             f"{bm.num_free_blocks} free ({cached_free} still cached)){more}")
     return "\n".join([head, ids, ref, hsh])
+
+# %% ../../nbs/05_block_manager.ipynb #6e4ecd56
+@patch_to(BlockManager)
+def _take_block(self, block_id: int) -> Block:
+    "Move a free block to the used set with one reference; its content (hash, tokens) is kept."
+    block = self.blocks[block_id]
+    assert block.ref_count == 0, f"block {block_id} is in use"
+    self.free_block_ids.remove(block_id)   # O(1) at the front; a re-hit in the middle scans
+    self.used_block_ids.add(block_id)
+    block.ref_count = 1
+    return block
+
+@patch_to(BlockManager)
+def _allocate_block(self) -> Block:
+    "Take the free block freed longest ago, for new content: evict its old hash, reset it."
+    block = self.blocks[self.free_block_ids[0]]
+    if block.hash is not None and self.hash_to_block_id.get(block.hash) == block.block_id:
+        del self.hash_to_block_id[block.hash]   # evict: its KV is about to be overwritten
+    block.reset()
+    return self._take_block(block.block_id)
+
+@patch_to(BlockManager)
+def _deallocate_block(self, block_id: int) -> None:
+    "A block nobody holds goes to the back of the free list, still hashed."
+    assert self.blocks[block_id].ref_count == 0
+    self.used_block_ids.remove(block_id)
+    self.free_block_ids.append(block_id)      # keeps hash + tokens: still hittable until reused
+
+# %% ../../nbs/05_block_manager.ipynb #fae20aeb
+@patch_to(BlockManager)
+def can_allocate(self, seq: Sequence) -> bool:
+    "Enough free blocks for all of `seq`'s blocks, counting no hits (conservative)."
+    return len(self.free_block_ids) >= seq.num_blocks
+
+@patch_to(BlockManager)
+def allocate(self, seq: Sequence) -> None:
+    "Give `seq` a block table for all its tokens, reusing cached full blocks of its prefix."
+    assert not seq.block_table, f"seq {seq.seq_id} already holds blocks"
+    assert seq.block_size == self.block_size, f"seq block_size {seq.block_size} != {self.block_size}"
+    seq.num_cached_tokens, h, hit = 0, None, True
+    for i in range(seq.num_blocks):
+        token_ids = seq.block(i)
+        h = self.compute_hash(token_ids, h) if len(token_ids) == self.block_size else None
+        if hit:
+            block_id = self.hash_to_block_id.get(h) if h is not None else None
+            hit = (block_id is not None and i < seq.num_blocks - 1   # NOTE: last block never hits (#144)
+                   and self.blocks[block_id].token_ids == token_ids)  # subtle: guards against collisions
+        if hit:
+            seq.num_cached_tokens += self.block_size
+            if block_id in self.used_block_ids: self.blocks[block_id].ref_count += 1
+            else: self._take_block(block_id)                          # a freed block, re-hit
+        else:
+            block = self._allocate_block()
+            block_id = block.block_id
+            if h is not None:
+                block.update(h, token_ids)
+                self.hash_to_block_id[h] = block_id
+        seq.block_table.append(block_id)
 
 # %% ../../nbs/05_block_manager.ipynb #30eca37e
 def _ensure(cond: bool, msg: str) -> None:
@@ -200,3 +178,67 @@ def check_invariants(bm: BlockManager, seqs, check_hashes: bool = True) -> None:
                 f"but {'used' if blk.block_id in used else 'free'}")
     for h, bid in bm.hash_to_block_id.items():
         _ensure(bm.blocks[bid].hash == h, f"index entry {h:#x} -> block {bid}, whose hash is {bm.blocks[bid].hash}")
+
+# %% ../../nbs/05_block_manager.ipynb #6344e255
+@patch_to(BlockManager)
+def deallocate(self, seq: Sequence) -> None:
+    "Drop `seq`'s references; blocks nobody holds go back to the free list (tail first), still cached."
+    for block_id in reversed(seq.block_table):
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0: self._deallocate_block(block_id)
+    seq.num_cached_tokens = 0
+    seq.block_table.clear()
+    seq.needs_prefill = True       # its KV is no longer guaranteed: a re-prefill must recompute it
+
+# %% ../../nbs/05_block_manager.ipynb #69b67fbe
+@patch_to(BlockManager)
+def can_append(self, seq: Sequence) -> bool:
+    "Can the free list supply the block (if any) that `seq`'s next decode step needs?"
+    return len(self.free_block_ids) >= seq.num_blocks - len(seq.block_table)
+
+@patch_to(BlockManager)
+def may_append(self, seq: Sequence) -> None:
+    "Before a decode step: a block for the last token's slot; hash the last block if this step fills it."
+    table = seq.block_table
+    assert table and seq.num_blocks - len(table) in (0, 1), f"seq {seq.seq_id}: table out of step"
+    if len(table) < seq.num_blocks:          # the last token starts a new block
+        table.append(self._allocate_block().block_id)
+    if len(seq) % self.block_size == 0:      # the step writes the last slot: the block becomes full
+        last = self.blocks[table[-1]]
+        assert last.hash is None and last.ref_count == 1   # NOTE: we only ever write blocks we hold alone
+        prefix = self.blocks[table[-2]].hash if len(table) > 1 else None
+        token_ids = seq.block(len(table) - 1)
+        last.update(self.compute_hash(token_ids, prefix), token_ids)
+        self.hash_to_block_id[last.hash] = last.block_id
+
+# %% ../../nbs/05_block_manager.ipynb #e727223b
+@patch_to(BlockManager)
+def forget(self, block_id: int) -> None:
+    "Drop a block's hash and tokens: its KV was never written (a failed step), so nobody may hit it."
+    block = self.blocks[block_id]
+    if block.hash is not None and self.hash_to_block_id.get(block.hash) == block_id:
+        del self.hash_to_block_id[block.hash]
+    block.hash, block.token_ids = None, []
+
+# %% ../../nbs/05_block_manager.ipynb #15fd36f3
+def trace_record(bm: BlockManager | None, seqs, step: int = 0, is_prefill: bool | None = None,
+                 seq_ids=(), preempted=()) -> dict:
+    "A plain-dict picture of the pool `bm` and the sequences `seqs` that hold blocks of it, for traces and widgets."
+    seqs = list(seqs)
+    if bm is not None: refs = {b.block_id: b.ref_count for b in bm.blocks if b.ref_count > 0}
+    else: refs = dict(Counter(b for s in seqs for b in s.block_table))     # no pool: count the holders
+    return {
+        "step": step, "is_prefill": is_prefill, "seq_ids": list(seq_ids), "preempted": list(preempted),
+        "num_free_blocks": len(bm.free_block_ids) if bm is not None else None,
+        "block_tables": {s.seq_id: list(s.block_table) for s in seqs},
+        "ref_counts": refs,
+        "cached_blocks": {s.seq_id: s.num_cached_blocks for s in seqs},   # hits are a prefix: a count says it all
+        "num_blocks": len(bm.blocks) if bm is not None else None,
+        "block_size": bm.block_size if bm is not None else seqs[0].block_size if seqs else None,
+        "seq_lens": {s.seq_id: len(s) for s in seqs},
+        "status": {s.seq_id: s.status.name.lower() for s in seqs},
+        "hashed": [b.block_id for b in bm.blocks if b.hash is not None] if bm is not None else [],
+        # NOTE: a freed block can be hit again only while the hash index still points at it.
+        "indexed": sorted(bm.hash_to_block_id.values()) if bm is not None else [],
+    }

@@ -6,7 +6,8 @@
 from __future__ import annotations
 from collections import deque
 from .sequence import Sequence, SequenceStatus
-from .block_manager import BlockManager
+from .block_manager import BlockManager, trace_record
+from ..utils.patch import patch_to
 
 # %% auto #0
 __all__ = ['Scheduler']
@@ -23,111 +24,127 @@ class Scheduler:
         self.eos_token_ids = frozenset(config.eos_token_ids)
         self.block_manager = BlockManager(config.num_kvcache_blocks, config.kvcache_block_size)
         self.waiting: deque[Sequence] = deque()
+        self.waiting_ids: set[int] = set()  # NOTE: always {s.seq_id for s in waiting}; every change to waiting keeps it
         self.running: deque[Sequence] = deque()
         self.trace: list | None = None      # a list → schedule() appends one record per step
         self.num_steps = 0
 
     def is_finished(self) -> bool:
+        "True when no sequence is waiting or running."
         return not self.waiting and not self.running
 
-    def add(self, seq: Sequence) -> None:
-        "Queue a new sequence; ValueError if it could never run."
-        bs, num_blocks = self.block_manager.block_size, len(self.block_manager.blocks)
-        if seq.status != SequenceStatus.WAITING or seq.block_table or seq.num_completion_tokens or seq in self.waiting:
-            raise ValueError(f"Scheduler.add: seq {seq.seq_id} is not a new sequence (already queued, running or done)")
-        if seq.block_size != bs:
-            raise ValueError(f"Scheduler.add: seq {seq.seq_id} has block_size {seq.block_size}, the KV cache uses {bs}")
-        if len(seq) > self.max_model_len:
-            raise ValueError(f"Scheduler.add: seq {seq.seq_id} has a {len(seq)}-token prompt, longer than "
-                             f"max_model_len={self.max_model_len}")
-        # the longest sequence ever fed to the model: the last sampled token is never fed back, and a sequence
-        # stops on reaching max_model_len (a prompt of exactly max_model_len tokens is only prefilled)
-        max_kv_tokens = max(seq.num_prompt_tokens,
-                            min(seq.num_prompt_tokens + seq.max_tokens - 1, self.max_model_len - 1))
-        if (max_kv_tokens + bs - 1) // bs > num_blocks:
-            raise ValueError(f"Scheduler.add: seq {seq.seq_id} can never fit the KV cache: up to {max_kv_tokens} tokens "
-                             f"need {(max_kv_tokens + bs - 1) // bs} blocks of {bs}, the pool has {num_blocks} "
-                             f"(lower max_tokens or give the cache more memory)")
-        self.waiting.append(seq)
+# %% ../../nbs/06_scheduler.ipynb #8c7a6ccf
+@patch_to(Scheduler)
+def check(self, seq: Sequence) -> None:
+    "Raise ValueError unless `seq` is new and can run to its end in this KV pool. Changes nothing."
+    bs, num_blocks = self.block_manager.block_size, len(self.block_manager.blocks)
+    if (seq.status != SequenceStatus.WAITING or seq.block_table or seq.num_completion_tokens
+            or seq.seq_id in self.waiting_ids):
+        raise ValueError(f"seq {seq.seq_id} is not a new sequence (it is already queued, running or finished)")
+    if seq.block_size != bs:
+        raise ValueError(f"seq {seq.seq_id} was made with block_size {seq.block_size}, but the KV cache uses "
+                         f"blocks of {bs}")
+    n, m, max_len = seq.num_prompt_tokens, seq.max_tokens, self.max_model_len
+    if n > max_len: raise ValueError(f"the prompt has {n} tokens, more than max_model_len = {max_len}")
+    # the most KV a sequence ever holds: the last sampled token is never fed back, and a sequence stops on
+    # reaching max_model_len (a prompt of exactly max_model_len tokens is only prefilled)
+    kv_tokens = max(n, min(n + m - 1, max_len - 1))
+    need = (kv_tokens + bs - 1) // bs
+    if need > num_blocks:
+        raise ValueError(f"the request needs {need} KV-cache blocks ({n} prompt + up to {m} new tokens, block size "
+                         f"{bs}) but the pool has only {num_blocks}, so it could never fit: lower max_tokens or "
+                         f"give the KV cache more memory")
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        "Pick this step's sequences; returns (seqs, is_prefill)."
-        bm, scheduled, preempted = self.block_manager, [], []
-        # prefill: admit waiting sequences in order while the budgets allow
-        num_batched_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if num_batched_tokens + len(seq) > self.max_num_batched_tokens or not bm.can_allocate(seq): break
-            bm.allocate(seq)
-            num_batched_tokens += len(seq) - seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            self.running.append(seq)
-            scheduled.append(seq)
-        is_prefill = bool(scheduled)
-        if not is_prefill:
-            # decode: one token for every running sequence; preempt from the back when blocks run out
-            while self.running and len(scheduled) < self.max_num_seqs:
-                seq = self.running.popleft()
-                while not bm.can_append(seq):
-                    victim = self.running.pop() if self.running else seq
-                    self.preempt(victim)
-                    preempted.append(victim.seq_id)
-                    if victim is seq: break
-                else:
-                    bm.may_append(seq)
-                    scheduled.append(seq)
-            self.running.extendleft(reversed(scheduled))   # keep arrival order
-        # NOTE: add() refused every sequence that could never fit, so there is always someone to run
-        if not scheduled and not self.is_finished():
-            raise RuntimeError("Scheduler: nothing schedulable although sequences are pending (a bug)")
-        self.num_steps += 1
-        if self.trace is not None: self._record(scheduled, is_prefill, preempted)
-        return scheduled, is_prefill
+@patch_to(Scheduler)
+def add(self, seq: Sequence) -> None:
+    "Queue a new sequence; ValueError (from `check`) if it could never run."
+    self.check(seq)
+    self.waiting.append(seq)
+    self.waiting_ids.add(seq.seq_id)
 
-    def preempt(self, seq: Sequence) -> None:
-        "Free `seq`'s blocks and put it back at the head of the queue; its KV will be recomputed."
-        seq.status = SequenceStatus.WAITING
+# %% ../../nbs/06_scheduler.ipynb #7108a809
+@patch_to(Scheduler)
+def schedule(self) -> tuple[list[Sequence], bool]:
+    "Pick this step's sequences; returns (seqs, is_prefill)."
+    bm, scheduled, preempted = self.block_manager, [], []
+    # prefill: admit waiting sequences in order while the budgets allow
+    num_batched_tokens = 0
+    while self.waiting and len(self.running) < self.max_num_seqs:
+        seq = self.waiting[0]
+        if num_batched_tokens + len(seq) > self.max_num_batched_tokens or not bm.can_allocate(seq): break
+        bm.allocate(seq)
+        num_batched_tokens += len(seq) - seq.num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.waiting.popleft()
+        self.waiting_ids.discard(seq.seq_id)
+        self.running.append(seq)
+        scheduled.append(seq)
+    is_prefill = bool(scheduled)
+    if not is_prefill:
+        # decode: one token for every running sequence; preempt from the back when blocks run out
+        while self.running and len(scheduled) < self.max_num_seqs:
+            seq = self.running.popleft()
+            while not bm.can_append(seq):
+                victim = self.running.pop() if self.running else seq
+                self.preempt(victim)
+                preempted.append(victim.seq_id)
+                if victim is seq: break
+            else:
+                bm.may_append(seq)
+                scheduled.append(seq)
+        self.running.extendleft(reversed(scheduled))   # keep arrival order
+    # NOTE: check() refused every sequence that could never fit, so there is always someone to run
+    if not scheduled and not self.is_finished():
+        raise RuntimeError("Scheduler: nothing schedulable although sequences are pending (a bug)")
+    self.num_steps += 1
+    if self.trace is not None: self._record(scheduled, is_prefill, preempted)
+    return scheduled, is_prefill
+
+# %% ../../nbs/06_scheduler.ipynb #c2aefa66
+@patch_to(Scheduler)
+def preempt(self, seq: Sequence) -> None:
+    "Free `seq`'s blocks and put it back at the head of the queue; its KV will be recomputed."
+    seq.status = SequenceStatus.WAITING
+    self.block_manager.deallocate(seq)
+    self.waiting.appendleft(seq)
+    self.waiting_ids.add(seq.seq_id)
+
+# %% ../../nbs/06_scheduler.ipynb #bcfb8142
+@patch_to(Scheduler)
+def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+    "Append each sampled token; finish on EOS / max_tokens / max_model_len and release the blocks."
+    finished = []
+    for seq, token_id in zip(seqs, token_ids, strict=True):
+        token_id = int(token_id)
+        seq.append_token(token_id)
+        if not seq.ignore_eos and token_id in self.eos_token_ids: seq.finish_reason = "stop"
+        elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
+        else: continue
+        seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
-        self.waiting.appendleft(seq)
+        self.running.remove(seq)
+        finished.append(seq.seq_id)
+    if self.trace: self.trace[-1]["finished"] = finished
 
-    def rollback(self, seqs: list[Sequence], is_prefill: bool) -> None:
-        "Undo a scheduled step whose model run failed: un-hash the blocks it was to fill, re-queue its sequences."
-        bm = self.block_manager
-        for seq in seqs:
-            if seq.status != SequenceStatus.RUNNING: continue
-            # NOTE: allocate/may_append hash a block when it is scheduled, before its KV is written; if the write
-            # never happened those hashes would serve garbage KV to the next request with the same prefix.
-            first = seq.num_cached_blocks if is_prefill else len(seq.block_table) - 1
-            for block_id in seq.block_table[first:]: bm.forget(block_id)
-            self.running.remove(seq)
-            self.preempt(seq)
+# %% ../../nbs/06_scheduler.ipynb #464db028
+@patch_to(Scheduler)
+def rollback(self, seqs: list[Sequence], is_prefill: bool) -> None:
+    "Undo a scheduled step whose model run failed: un-hash the blocks it was to fill, re-queue its sequences."
+    bm = self.block_manager
+    for seq in seqs:
+        if seq.status != SequenceStatus.RUNNING: continue
+        # NOTE: allocate/may_append hash a block when it is scheduled, before its KV is written; if the write
+        # never happened those hashes would serve garbage KV to the next request with the same prefix.
+        first = seq.num_cached_blocks if is_prefill else len(seq.block_table) - 1
+        for block_id in seq.block_table[first:]: bm.forget(block_id)
+        self.running.remove(seq)
+        self.preempt(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        "Append each sampled token; finish on EOS / max_tokens / max_model_len and release the blocks."
-        finished = []
-        for seq, token_id in zip(seqs, token_ids, strict=True):
-            token_id = int(token_id)
-            seq.append_token(token_id)
-            if not seq.ignore_eos and token_id in self.eos_token_ids: seq.finish_reason = "stop"
-            elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
-            else: continue
-            seq.status = SequenceStatus.FINISHED
-            self.block_manager.deallocate(seq)
-            self.running.remove(seq)
-            finished.append(seq.seq_id)
-        if self.trace: self.trace[-1]["finished"] = finished
-
-    def _record(self, scheduled, is_prefill, preempted) -> None:
-        bm = self.block_manager
-        self.trace.append({
-            "step": self.num_steps - 1, "is_prefill": is_prefill, "seq_ids": [s.seq_id for s in scheduled],
-            "preempted": preempted, "num_free_blocks": bm.num_free_blocks,
-            "block_tables": {s.seq_id: list(s.block_table) for s in self.running},
-            "ref_counts": {i: bm.blocks[i].ref_count for i in sorted(bm.used_block_ids)},
-            "cached_blocks": {s.seq_id: s.num_cached_blocks for s in self.running},
-            "num_blocks": len(bm.blocks), "block_size": bm.block_size,
-            "seq_lens": {s.seq_id: len(s) for s in self.running},
-            "hashed": [b.block_id for b in bm.blocks if b.hash is not None],
-            "indexed": sorted(bm.hash_to_block_id.values()),
-            "finished": []})   # filled in by postprocess
+# %% ../../nbs/06_scheduler.ipynb #2b74bb07
+@patch_to(Scheduler)
+def _record(self, scheduled, is_prefill, preempted) -> None:
+    "Append this step's record to `trace`: the decision, and the pool with the running sequences."
+    rec = trace_record(self.block_manager, self.running, step=self.num_steps - 1, is_prefill=is_prefill,
+                       seq_ids=[s.seq_id for s in scheduled], preempted=preempted)
+    rec["finished"] = []          # filled in by postprocess
+    self.trace.append(rec)
