@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nanovllm_lit.engine.llm_engine import LLMEngine
-from nanovllm_lit.engine.model_runner import WorkerError
+from nanovllm_lit.engine.tp_worker import WorkerError
 from nanovllm_lit.llm import LLM
 from nanovllm_lit.sampling_params import SamplingParams
 from nanovllm_lit.utils.testing import make_tiny_qwen3
@@ -129,6 +129,21 @@ def test_eos_ids_and_lengths(ckpt):
         long = llm.generate([[5] * 256, [6] * 255], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
                             use_tqdm=False)
         assert [len(o["token_ids"]) for o in long] == [1, 1]
+
+
+def test_fit_rule_is_the_schedulers_at_the_boundary(ckpt):
+    "60-token prompt, max_tokens 10, max_model_len 65: stops at 65 tokens, the 65th never fed -> 64 = 4 blocks of 16."
+    with LLMEngine(ckpt, max_model_len=65, max_num_batched_tokens=512, max_num_seqs=8, kvcache_block_size=16,
+                   num_kvcache_blocks=4) as llm:
+        prompt = [(3 * j) % 250 + 3 for j in range(60)]
+        sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]["token_ids"]   # the engine accepts what the scheduler can run
+        assert out == hf_greedy(ckpt, [prompt], 5, ignore_eos=True)[0]
+        assert llm.scheduler.block_manager.num_free_blocks == 4
+        # a prompt of exactly max_model_len tokens is fed whole: 65 tokens need 5 blocks
+        with pytest.raises(ValueError, match="needs 5 KV-cache blocks"): llm.add_request(prompt + [3] * 5, sp)
+        with pytest.raises(ValueError, match="max_model_len"): llm.add_request(prompt + [3] * 6, sp)
+        assert llm.is_finished()
 
 
 def test_bad_input_errors_and_engine_keeps_serving(ckpt, tmp_path):

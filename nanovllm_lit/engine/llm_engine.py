@@ -14,6 +14,7 @@ from ..sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
 from .scheduler import Scheduler
 from .model_runner import ModelRunner, RunnerSetup, spawn_workers
+from ..utils.patch import patch_to
 
 # %% auto #0
 __all__ = ['load_tokenizer', 'LLMEngine']
@@ -66,102 +67,107 @@ class LLMEngine:
                 f"kv={c.num_kvcache_blocks}×{c.kvcache_block_size} tokens, backend={c.attention_backend}, "
                 f"cuda_graphs={bool(r.graphs)})")
 
-    # ---- requests ---------------------------------------------------------------------------------------
-    def _make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams | None) -> Sequence:
-        "Tokenize and validate one request; no side effect on the engine."
-        sp = SamplingParams() if sampling_params is None else sampling_params
-        if not isinstance(sp, SamplingParams):
-            raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{self.config.model!r} has no tokenizer: pass the prompt as a list of token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)): token_ids = list(prompt)
-        else: raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        if not token_ids: raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
-        if bad: raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
-        n, max_len, bs = len(token_ids), self.config.max_model_len, self.config.kvcache_block_size
-        if n > max_len:
-            raise ValueError(f"the prompt has {n} tokens, more than max_model_len = {max_len}")
-        need = -(-min(n + sp.max_tokens - 1, max_len) // bs)  # the last token's KV is never stored
-        if need > self.config.num_kvcache_blocks:
-            raise ValueError(f"the request needs {need} KV-cache blocks ({n} prompt + up to {sp.max_tokens} new tokens, "
-                             f"block size {bs}) but the pool has only {self.config.num_kvcache_blocks}")
-        return Sequence(token_ids, sp, block_size=bs)
+# %% ../../nbs/07_llm_engine.ipynb #6e2f8266
+@patch_to(LLMEngine)
+def _make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams | None) -> Sequence:
+    "Tokenize and validate one request; no side effect on the engine."
+    sp = SamplingParams() if sampling_params is None else sampling_params
+    if not isinstance(sp, SamplingParams):
+        raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+    if isinstance(prompt, str):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model!r} has no tokenizer: pass the prompt as a list of token ids")
+        token_ids = self.tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)): token_ids = list(prompt)
+    else: raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    if not token_ids: raise ValueError("the prompt is empty: give at least one token")
+    vocab = self.config.hf_config.vocab_size
+    bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, Integral) or not 0 <= t < vocab]
+    if bad: raise ValueError(f"prompt token ids must be ints in [0, {vocab}); got {bad[:5]}")
+    seq = Sequence(token_ids, sp, block_size=self.config.kvcache_block_size)
+    self.scheduler.check(seq)   # longer than max_model_len, or never fits the KV pool: the scheduler's one rule
+    return seq
 
-    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> int:
-        "Validate and queue one request; return its sequence id. Raises ValueError / TypeError on bad input."
-        seq = self._make_sequence(prompt, sampling_params)
-        self.scheduler.add(seq)
-        return seq.seq_id
+# %% ../../nbs/07_llm_engine.ipynb #56af341e
+@patch_to(LLMEngine)
+def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> int:
+    "Validate and queue one request; return its sequence id. Raises ValueError / TypeError on bad input."
+    seq = self._make_sequence(prompt, sampling_params)
+    self.scheduler.add(seq)
+    return seq.seq_id
 
-    # ---- the loop ---------------------------------------------------------------------------------------
-    def step(self) -> tuple[list[tuple[int, list[int]]], int]:
-        "Run one scheduled batch: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs: return [], 0
-        num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
-        try: token_ids = self.model_runner.call("run", seqs, is_prefill)
-        except BaseException:   # the KV of this step may not exist: never let it be hit, re-queue the batch
-            self.scheduler.rollback(seqs, is_prefill)
-            raise
-        self.scheduler.postprocess(seqs, token_ids)
-        return [(s.seq_id, s.completion_token_ids) for s in seqs if s.is_finished], num_tokens
+# %% ../../nbs/07_llm_engine.ipynb #3b9cda98
+@patch_to(LLMEngine)
+def step(self) -> tuple[list[tuple[int, list[int]]], int]:
+    "Run one scheduled batch: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
+    seqs, is_prefill = self.scheduler.schedule()
+    if not seqs: return [], 0
+    num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
+    try: token_ids = self.model_runner.call("run", seqs, is_prefill)
+    except BaseException:   # the KV of this step may not exist: never let it be hit, re-queue the batch
+        self.scheduler.rollback(seqs, is_prefill)
+        raise
+    self.scheduler.postprocess(seqs, token_ids)
+    return [(s.seq_id, s.completion_token_ids) for s in seqs if s.is_finished], num_tokens
 
-    def is_finished(self) -> bool:
-        "True when no request is waiting or running."
-        return self.scheduler.is_finished()
+@patch_to(LLMEngine)
+def is_finished(self) -> bool:
+    "True when no request is waiting or running."
+    return self.scheduler.is_finished()
 
-    def abort(self, seqs: list[Sequence]) -> None:
-        "Drop the unfinished `seqs` from the queues and free their KV blocks (finish reason 'abort')."
-        sched = self.scheduler
-        for seq in seqs:
-            if seq.is_finished: continue
-            for queue in (sched.waiting, sched.running):
-                if seq in queue: queue.remove(seq)
-            if seq.block_table: sched.block_manager.deallocate(seq)
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+# %% ../../nbs/07_llm_engine.ipynb #867918ad
+@patch_to(LLMEngine)
+def abort(self, seqs: list[Sequence]) -> None:
+    "Drop the unfinished `seqs` from the queues and free their KV blocks (finish reason 'abort')."
+    sched = self.scheduler
+    for seq in seqs:
+        if seq.is_finished: continue
+        for queue in (sched.waiting, sched.running):
+            if seq in queue: queue.remove(seq)
+        sched.waiting_ids.discard(seq.seq_id)   # NOTE: the scheduler keeps waiting_ids == ids in waiting
+        if seq.block_table: sched.block_manager.deallocate(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
 
-    def generate(self, prompts: list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[dict]:
-        "Generate for every prompt; -> [{'text', 'token_ids'}] in input order (text None without a tokenizer)."
-        if isinstance(prompts, str): prompts = [prompts]
-        if prompts and isinstance(prompts[0], Integral):
-            raise TypeError("prompts must be a list of prompts; wrap a single token-id prompt: [[1, 2, 3]]")
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
-        seqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):  # validate all before queueing any
-            try: seqs.append(self._make_sequence(prompt, sp))
-            except (ValueError, TypeError) as e: raise type(e)(f"prompt {i}: {e}") from None
-        for seq in seqs: self.scheduler.add(seq)
-        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        results: list = [None] * len(seqs)
-        pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
-        try:
-            while not self.is_finished():
-                t = time.perf_counter()
-                output, num_tokens = self.step()
-                dt = time.perf_counter() - t
-                if num_tokens > 0: prefill_tps = num_tokens / dt
-                elif num_tokens < 0: decode_tps = -num_tokens / dt
-                pbar.set_postfix({"Prefill": f"{prefill_tps:.0f}tok/s", "Decode": f"{decode_tps:.0f}tok/s"}, refresh=False)
-                for seq_id, token_ids in output:
-                    if seq_id in index:
-                        results[index[seq_id]] = token_ids
-                        pbar.update(1)
-                    else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
-        except BaseException:   # e.g. KeyboardInterrupt: leave no half-done request of ours behind
-            self.abort(seqs)
-            raise
-        finally: pbar.close()
-        # The text leaves out special tokens (the EOS that ended a completion); token_ids keep it, as nano-vllm's do.
-        tok = self.tokenizer
-        decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else (lambda ids: None)
-        return [{"text": decode(ids), "token_ids": ids} for ids in results]
+# %% ../../nbs/07_llm_engine.ipynb #32eaac83
+@patch_to(LLMEngine)
+def generate(self, prompts: list[str] | list[list[int]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[dict]:
+    "Generate for every prompt; -> [{'text', 'token_ids'}] in input order (text None without a tokenizer)."
+    if isinstance(prompts, str): prompts = [prompts]
+    if prompts and isinstance(prompts[0], Integral):
+        raise TypeError("prompts must be a list of prompts; wrap a single token-id prompt: [[1, 2, 3]]")
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        sampling_params = [sampling_params] * len(prompts)
+    if len(sampling_params) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+    seqs = []
+    for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):  # validate all before queueing any
+        try: seqs.append(self._make_sequence(prompt, sp))
+        except (ValueError, TypeError) as e: raise type(e)(f"prompt {i}: {e}") from None
+    for seq in seqs: self.scheduler.add(seq)
+    index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+    results: list = [None] * len(seqs)
+    pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+    prefill_tps = decode_tps = 0.0
+    try:
+        while not self.is_finished():
+            t = time.perf_counter()
+            output, num_tokens = self.step()
+            dt = time.perf_counter() - t
+            if num_tokens > 0: prefill_tps = num_tokens / dt
+            elif num_tokens < 0: decode_tps = -num_tokens / dt
+            pbar.set_postfix({"Prefill": f"{prefill_tps:.0f}tok/s", "Decode": f"{decode_tps:.0f}tok/s"}, refresh=False)
+            for seq_id, token_ids in output:
+                if seq_id in index:
+                    results[index[seq_id]] = token_ids
+                    pbar.update(1)
+                else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
+    except BaseException:   # e.g. KeyboardInterrupt: leave no half-done request of ours behind
+        self.abort(seqs)
+        raise
+    finally: pbar.close()
+    # The text leaves out special tokens (the EOS that ended a completion); token_ids keep it, as nano-vllm's do.
+    tok = self.tokenizer
+    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else (lambda ids: None)
+    return [{"text": decode(ids), "token_ids": ids} for ids in results]
