@@ -13,7 +13,7 @@ from nanovllm_lit.utils.testing import make_tiny_qwen3
 
 torch.set_num_threads(1)
 
-SMALL = dict(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8)
+SMALL = dict(max_model_len=256, max_num_batched_tokens=512, max_num_seqs=8, device="cpu")  # CPU: 16-token blocks, fp32 (GPU: gpu_engine_check.py)
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
 
