@@ -42,6 +42,9 @@ def scrub(nb) -> None:
         if "#| output: false" in c.source: c.outputs = []   # a timing or the like: shown when run, never committed
         for o in c.get("outputs", []):
             if "execution_count" in o: o["execution_count"] = None
+            # a live widget's view names a random model id and needs the kernel; the static HTML beside it stays
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {}) and "text/html" in o["data"]:
+                del o["data"]["application/vnd.jupyter.widget-view+json"]
             o.get("metadata", {}).clear() if isinstance(o.get("metadata"), dict) else None
 
 def run(path: Path, write: bool, timeout: int) -> tuple[Path, float, str | None]:
