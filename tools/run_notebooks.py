@@ -40,6 +40,13 @@ def scrub(nb) -> None:
         if c.cell_type != "code": continue
         c.execution_count = None
         if "#| output: false" in c.source: c.outputs = []   # a timing or the like: shown when run, never committed
+        merged = []   # subtle: the kernel may flush one print in several stream messages; join them so runs compare
+        for o in c.outputs:
+            if merged and o.get("output_type") == "stream" and merged[-1].get("output_type") == "stream" \
+                    and merged[-1].get("name") == o.get("name"):
+                merged[-1]["text"] += o["text"]
+            else: merged.append(o)
+        c.outputs = merged
         for o in c.get("outputs", []):
             if "execution_count" in o: o["execution_count"] = None
             # a live widget's view names a random model id and needs the kernel; the static HTML beside it stays
