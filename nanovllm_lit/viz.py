@@ -287,7 +287,8 @@ def plot_hit_rate(trace, ax=None):
     ax2.plot(steps, [100 * p.rate for p in pts], color="#d62728", marker=".", label="cumulative hit rate")
     ax2.set_ylim(0, 100); ax2.set_ylabel("hit rate %")
     h1, l1 = ax.get_legend_handles_labels(); h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8, frameon=False)
+    # above the axes, in one row: inside, it would cover the first bars, which are the interesting ones
+    ax.legend(h1 + h2, l1 + l2, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     ax.figure.tight_layout()
     return ax.figure
 
