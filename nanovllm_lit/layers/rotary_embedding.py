@@ -4,13 +4,15 @@
 
 # %% ../../nbs/11_rope.ipynb #8a01dad7
 from __future__ import annotations
+import math
 from functools import lru_cache
 import torch
 from torch import nn
 from ..utils.context import compile_on_cuda
 
 # %% auto #0
-__all__ = ['apply_rope', 'RotaryEmbedding', 'rope_parameters_of', 'rope_theta_of', 'rope_scaling_of', 'get_rope']
+__all__ = ['SUPPORTED_ROPE_TYPES', 'apply_rope', 'RotaryEmbedding', 'rope_parameters_of', 'rope_theta_of', 'rope_scaling_of',
+           'check_rope_scaling', 'scaled_inv_freq', 'get_rope']
 
 # %% ../../nbs/11_rope.ipynb #2e1de84c
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, r: int) -> torch.Tensor:
@@ -27,7 +29,7 @@ def apply_rope(positions, query, key, cos_sin_cache, rotary_dim: int):
 class RotaryEmbedding(nn.Module):
     "Neox-style rotary embedding with a precomputed float32 `[cos | sin]` table."
     def __init__(self, head_size: int, rotary_dim: int, max_position_embeddings: int, base: float,
-                 cos_sin_cache: torch.Tensor | None = None):
+                 cos_sin_cache: torch.Tensor | None = None, rope_scaling: dict | None = None):
         super().__init__()
         if rotary_dim > head_size or rotary_dim % 2:
             raise ValueError(f"rotary_dim must be even and <= head_size ({head_size}), got {rotary_dim}")
@@ -38,6 +40,7 @@ class RotaryEmbedding(nn.Module):
             return
         # subtle: same expression as HF (int arange -> float, then divide), so the angles agree to the last bit.
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))  # (R/2,)
+        if rope_scaling is not None: inv_freq = scaled_inv_freq(inv_freq, rope_scaling)  # (see "Scaled RoPE")
         t = torch.arange(max_position_embeddings, dtype=torch.float)
         freqs = t[:, None] * inv_freq[None, :]                                          # (max_pos, R/2)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)                            # (max_pos, R)
@@ -71,16 +74,42 @@ def rope_scaling_of(hf_config) -> dict | None:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     return None if rope_type == "default" else scaling
 
+# %% ../../nbs/11_rope.ipynb #198e99cd
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
+    "`rope_scaling` without `rope_theta`, or None for plain RoPE; ValueError for a type we do not implement."
+    if not rope_scaling: return None
+    scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling of type {rope_type!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}): {rope_scaling}")
+    if rope_type != "default" and not scaling.get("factor", 0) > 0:
+        raise ValueError(f"rope_scaling {rope_type!r} needs a positive 'factor', got {rope_scaling}")
+    return None if rope_type == "default" else scaling
+
+def scaled_inv_freq(inv_freq: torch.Tensor, rope_scaling: dict) -> torch.Tensor:
+    "The frequencies `inv_freq` (R/2,) rescaled as `rope_scaling` says ('linear' or 'llama3')."
+    s = check_rope_scaling(rope_scaling)
+    if s is None: return inv_freq
+    factor = float(s["factor"])
+    if s.get("rope_type", s.get("type")) == "linear": return inv_freq / factor
+    original = s["original_max_position_embeddings"]
+    lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - lo) / (hi - lo)).clamp(0, 1)    # 0: long waves (divide), 1: short waves (keep)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
 # %% ../../nbs/11_rope.ipynb #f5a29930
 @lru_cache(maxsize=None)
-def _rope_table(head_size, rotary_dim, max_position, base, device) -> torch.Tensor:
-    with torch.device(device): return RotaryEmbedding(head_size, rotary_dim, max_position, base).cos_sin_cache
+def _rope_table(head_size, rotary_dim, max_position, base, device, scaling: tuple = ()) -> torch.Tensor:
+    with torch.device(device):
+        return RotaryEmbedding(head_size, rotary_dim, max_position, base, rope_scaling=dict(scaling) or None).cos_sin_cache
 
 def get_rope(head_size: int, rotary_dim: int, max_position: int, base: float, rope_scaling: dict | None = None):
     "A `RotaryEmbedding` sharing one cached cos/sin table per setting; unsupported `rope_scaling` raises ValueError."
-    if rope_scaling is not None:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_scaling of type {rope_type!r} is not supported (only plain RoPE): {rope_scaling}")
-    table = _rope_table(head_size, rotary_dim, max_position, float(base), str(torch.get_default_device()))
+    scaling = check_rope_scaling(rope_scaling)
+    key = tuple(sorted(scaling.items())) if scaling else ()             # subtle: a dict is unhashable; a tuple is not
+    table = _rope_table(head_size, rotary_dim, max_position, float(base), str(torch.get_default_device()), key)
     return RotaryEmbedding(head_size, rotary_dim, max_position, base, cos_sin_cache=table)
