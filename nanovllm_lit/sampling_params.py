@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 # %% auto #0
-__all__ = ['SamplingParams']
+__all__ = ['GREEDY_BELOW', 'SamplingParams']
 
 # %% ../nbs/03a_sampling_params.ipynb #dff33cb5
-@dataclass
+GREEDY_BELOW = 1e-5   # temperatures below this are sampled greedily, like 0 (vLLM's _SAMPLING_EPS is the same)
+
+@dataclass(frozen=True)
 class SamplingParams:
-    "How to sample one request: `temperature` (0 = greedy), `max_tokens` to generate, `ignore_eos`."
-    temperature: float = 1.0   # 0 → greedy (allowed, unlike nano-vllm)
+    "How to sample one request: `temperature` (0 = greedy), `max_tokens` to generate, `ignore_eos`. Immutable."
+    temperature: float = 1.0   # 0 → greedy (allowed, unlike nano-vllm); below GREEDY_BELOW the sampler is greedy too
     max_tokens: int = 64       # completion tokens at most
     ignore_eos: bool = False   # True: keep going past EOS (benchmarks)
 
@@ -23,15 +25,15 @@ class SamplingParams:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t) or t < 0:
             raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        self.temperature = float(t)
+        object.__setattr__(self, "temperature", float(t))  # subtle: frozen, so construction writes this way
         m = self.max_tokens
         if isinstance(m, bool) or not isinstance(m, Integral) or m < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {m!r}")
-        self.max_tokens = int(m)
+        object.__setattr__(self, "max_tokens", int(m))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
-        "True when the sampler takes the arg-max token (temperature 0)."
+        "True for temperature 0, the explicit ask for greedy (the sampler is also greedy below `GREEDY_BELOW`)."
         return self.temperature == 0.0

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
+from ..sampling_params import GREEDY_BELOW
 from ..utils.context import compile_on_cuda
 
 # %% auto #0
@@ -16,14 +17,15 @@ __all__ = ['sample', 'Sampler']
 def sample(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
     # logits: (num_seqs, vocab) any float dtype; temperatures: (num_seqs,) float -> (num_seqs,) int64
     logits = logits.float()
-    greedy = temperatures == 0  # (num_seqs,) bool, stays on device
+    greedy = ~(temperatures >= GREEDY_BELOW)  # (num_seqs,) bool, on device; subtle: also true for NaN and T < 0
     t = torch.where(greedy, torch.ones_like(temperatures), temperatures).to(logits.dtype)
     probs = torch.softmax(logits / t.unsqueeze(1), dim=-1)  # (num_seqs, vocab)
+    greedy = greedy | ~probs.isfinite().all(dim=-1)  # NOTE: a row with NaN/inf probabilities never samples
     noise = torch.empty_like(probs).exponential_(1).clamp_min_(1e-10)  # E_i ~ Exp(1), never exactly 0
     sampled = (probs / noise).argmax(dim=-1)  # the exponential race
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 class Sampler(nn.Module):
-    "Sample one token per row from softmax(logits / T); rows with T == 0 take the argmax. No host sync."
+    "One token per row from softmax(logits / T); rows with T < GREEDY_BELOW (0 too) take the argmax. No host sync."
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         return sample(logits, temperatures)

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/16_context_loader.ipynb #6352e630
 from __future__ import annotations
+import threading
 from dataclasses import dataclass
 import torch
 
@@ -23,24 +24,27 @@ class Context:
     context_lens: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
 
-_CONTEXT = Context()
+# %% ../../nbs/16_context_loader.ipynb #62e7f258
+class _ThreadContext(threading.local):
+    "One `Context` slot per thread; `__init__` runs again in every thread that touches it."
+    def __init__(self): self.context = Context()
+
+_LOCAL = _ThreadContext()
 
 def get_context() -> Context:
-    "The context of the step being run."
-    return _CONTEXT
+    "The context of the step this thread is running."
+    return _LOCAL.context
 
 def set_context(is_prefill: bool, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
                 slot_mapping=None, context_lens=None, block_tables=None) -> Context:
-    "Replace the global context (the `ModelRunner` calls this once per step)."
-    global _CONTEXT
-    _CONTEXT = Context(is_prefill, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       slot_mapping, context_lens, block_tables)
-    return _CONTEXT
+    "Replace this thread's context (the `ModelRunner` calls this once per step)."
+    _LOCAL.context = Context(is_prefill, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             slot_mapping, context_lens, block_tables)
+    return _LOCAL.context
 
 def reset_context() -> None:
-    "Back to an empty context, so a stale batch can never leak into the next step."
-    global _CONTEXT
-    _CONTEXT = Context()
+    "Back to an empty context, so a stale batch can never leak into this thread's next step."
+    _LOCAL.context = Context()
 
 # %% ../../nbs/16_context_loader.ipynb #cmp16
 import functools, os
