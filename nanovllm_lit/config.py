@@ -7,12 +7,13 @@ from __future__ import annotations
 import json, os
 from dataclasses import dataclass, field
 from numbers import Integral
+from types import SimpleNamespace
 import torch
 from transformers import AutoConfig
 from .utils.patch import patch_to
 
 # %% auto #0
-__all__ = ['checkpoint_dtype', 'read_eos_token_ids', 'Config']
+__all__ = ['checkpoint_dtype', 'read_eos_token_ids', 'check_architecture', 'Config']
 
 # %% ../nbs/03_config.ipynb #b95b6423
 def checkpoint_dtype(hf_config) -> str | None:
@@ -23,16 +24,43 @@ def checkpoint_dtype(hf_config) -> str | None:
     return str(d).removeprefix("torch.")
 
 # %% ../nbs/03_config.ipynb #afb43bd9
+def _read_json_object(path: str) -> dict:
+    "The JSON object in the file at `path`; ValueError naming the file if it is not valid JSON or not an object."
+    try:
+        with open(path, encoding="utf-8") as f: obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict): raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+def _is_token_id(x) -> bool: return isinstance(x, Integral) and not isinstance(x, bool) and x >= 0
+
 def read_eos_token_ids(model_dir: str, hf_config=None) -> frozenset[int]:
     "EOS ids from `generation_config.json` (int or list), else from `hf_config.eos_token_id`; empty if neither."
-    eos = None
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f: eos = json.load(f).get("eos_token_id")
-    if eos is None and hf_config is not None: eos = getattr(hf_config, "eos_token_id", None)
+    eos, source = None, os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(source): eos = _read_json_object(source).get("eos_token_id")
+    if eos is None and hf_config is not None:
+        eos, source = getattr(hf_config, "eos_token_id", None), os.path.join(model_dir, "config.json")
     if eos is None: return frozenset()
-    if isinstance(eos, Integral): eos = [eos]
-    return frozenset(int(e) for e in eos)
+    ids = [eos] if _is_token_id(eos) else eos if isinstance(eos, (list, tuple)) else None
+    if ids is None or not all(_is_token_id(e) for e in ids):   # subtle: True is an int to Python, not a token
+        raise ValueError(f"{source}: eos_token_id must be a token id (an int >= 0) or a list of them, got {eos!r}")
+    return frozenset(int(e) for e in ids)
+
+# %% ../nbs/03_config.ipynb #8baa0916
+def check_architecture(cfg: dict, path: str = "config.json") -> str:
+    "The architecture a parsed config.json `cfg` names, if the model registry can build it; else ValueError naming both."
+    # subtle: imported here, not at the top: the registry (chapter 15a) imports every model and its layers
+    from nanovllm_lit.models import MODEL_REGISTRY, architecture_of
+    archs, model_type = cfg.get("architectures"), cfg.get("model_type")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{path}: architectures must be a list of class names, got {archs!r}")
+    try: name = architecture_of(SimpleNamespace(architectures=archs, model_type=model_type))
+    except ValueError: name = None                       # no architectures, and a model_type we do not know
+    if name in MODEL_REGISTRY: return name
+    found = f"architectures {archs}" if archs else f"model_type {model_type!r} and no architectures"
+    raise ValueError(f"{path} declares {found}; nanovllm_lit can build only {', '.join(MODEL_REGISTRY)} "
+                     f"(add one with nanovllm_lit.models.register_model)")
 
 # %% ../nbs/03_config.ipynb #dbdc7a96
 _BACKENDS = ("torch", "triton", "flash-attn")
@@ -51,6 +79,17 @@ def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
         raise ValueError(f"Config.{name} must be an int {rng}, got {value!r}")
     return int(value)
 
+def _model_int(hf_config, name: str, model_dir: str) -> int:
+    "`hf_config.<name>` as an int >= 1, else ValueError naming the checkpoint's config.json and the field."
+    v = getattr(hf_config, name, None)
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: {name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+def _tp_max(device: str) -> int:
+    "The largest `tensor_parallel_size`: 8 (the engine's limit), and on CUDA at most the visible GPUs."
+    return min(8, torch.cuda.device_count()) if device == "cuda" else 8
+
 # %% ../nbs/03_config.ipynb #15df75b6
 @dataclass
 class Config:
@@ -60,7 +99,7 @@ class Config:
     max_num_seqs: int = 512                 # sequences per step
     max_model_len: int = 4096               # clipped to hf_config.max_position_embeddings
     gpu_memory_utilization: float = 0.9     # (0, 1]
-    tensor_parallel_size: int = 1           # 1..8; on cuda also <= torch.cuda.device_count()
+    tensor_parallel_size: int = 1           # 1..8, splits the heads evenly; on cuda <= device_count()
     enforce_eager: bool = False             # True: no CUDA graphs
     device: str | None = None               # None → "cuda" if available else "cpu"
     dtype: str | None = None                # None → checkpoint dtype (or bfloat16) on cuda, float32 on cpu
@@ -72,31 +111,36 @@ class Config:
     eos_token_ids: frozenset = field(default_factory=frozenset)  # filled in __post_init__ when empty
 
     def __post_init__(self):
-        # in dependency order: the length limit needs the checkpoint, the block size needs the device
+        # in dependency order: the length limit needs the checkpoint, TP and the block size need the device
         self._check_checkpoint()
         self._check_budgets()
         self._resolve_device()
+        self._check_tensor_parallel()
         self._check_kv_cache()
         self.eos_token_ids = frozenset(self.eos_token_ids) or read_eos_token_ids(self.model, self.hf_config)
 
 # %% ../nbs/03_config.ipynb #5c96f200
 @patch_to(Config)
 def _check_checkpoint(self):
-    "The model directory exists and is a HF checkpoint; load its `hf_config`."
+    "The model directory holds a config.json of an architecture we can build; load it as `hf_config`."
     self.model = os.fspath(self.model)
     if not os.path.isdir(self.model):
         raise FileNotFoundError(f"Config.model: model directory not found: {self.model!r}")
-    if not os.path.isfile(os.path.join(self.model, "config.json")):
+    path = os.path.join(self.model, "config.json")
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"Config.model: no config.json in {self.model!r} (is this a HF checkpoint dir?)")
-    self.hf_config = AutoConfig.from_pretrained(self.model)
+    check_architecture(_read_json_object(path), path)   # before transformers: it would accept any of its models
+    try: self.hf_config = AutoConfig.from_pretrained(self.model)
+    except Exception as e:   # transformers 5 checks field types; its message names the field, ours adds the file
+        raise ValueError(f"transformers cannot read {path}: {e}") from e
 
 @patch_to(Config)
 def _check_budgets(self):
     "Batch budgets are positive ints; `max_model_len` is clipped to the checkpoint; a full prompt fits one prefill."
     self.max_num_seqs = _check_int("max_num_seqs", self.max_num_seqs, 1)
     self.max_model_len = _check_int("max_model_len", self.max_model_len, 1)
-    max_pos = getattr(self.hf_config, "max_position_embeddings", None)
-    if max_pos: self.max_model_len = min(self.max_model_len, max_pos)
+    max_pos = _model_int(self.hf_config, "max_position_embeddings", self.model)
+    self.max_model_len = min(self.max_model_len, max_pos)
     self.max_num_batched_tokens = _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
     if self.max_num_batched_tokens < self.max_model_len:
         raise ValueError(f"Config.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
@@ -113,8 +157,7 @@ def _resolve_device(self):
         raise ValueError(f"Config.device must be 'cuda', 'cpu' or None, got {self.device!r}")
     if self.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("Config.device is 'cuda' but torch.cuda.is_available() is False")
-    tp_max = min(8, torch.cuda.device_count()) if self.device == "cuda" else 8
-    self.tensor_parallel_size = _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, tp_max)
+    self.tensor_parallel_size = _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, _tp_max(self.device))
     if self.dtype is None:
         self.dtype = (checkpoint_dtype(self.hf_config) or "bfloat16") if self.device == "cuda" else "float32"
     self.dtype = str(self.dtype).removeprefix("torch.")
@@ -127,6 +170,32 @@ def _resolve_device(self):
         raise ValueError(f"Config.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
     if self.attention_backend == "flash-attn" and self.device != "cuda":
         raise ValueError("Config.attention_backend 'flash-attn' needs device='cuda'")
+
+# %% ../nbs/03_config.ipynb #24dfdaa0
+def _tp_misfit(tp: int, heads: int, kv_heads: int, vocab: int, intermediate: int) -> str | None:
+    "Why `tp` ranks cannot split the model evenly, as the layers' `divide()`s would find; None if they can."
+    if heads % tp: return f"does not divide the model's {heads} attention heads"
+    if (kv_heads % tp) if kv_heads >= tp else (tp % kv_heads):
+        return (f"does not fit the model's {kv_heads} key/value heads (it must divide them, or be a multiple "
+                f"of them so that each kv head is replicated)")
+    if vocab % tp: return f"does not divide the model's vocab_size {vocab} (padding the vocabulary is not supported)"
+    if intermediate % tp: return f"does not divide the model's intermediate_size {intermediate}"
+    return None
+
+@patch_to(Config)
+def _check_tensor_parallel(self):
+    "Every rank gets an equal slice of every layer: `tensor_parallel_size` must split heads, kv heads, vocab and MLP."
+    sizes = [_model_int(self.hf_config, n, self.model)
+             for n in ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size")]
+    heads, kv_heads = sizes[:2]
+    if heads % kv_heads:
+        raise ValueError(f"{os.path.join(self.model, 'config.json')}: num_attention_heads ({heads}) must be a "
+                         f"multiple of num_key_value_heads ({kv_heads})")
+    why = _tp_misfit(self.tensor_parallel_size, *sizes)
+    if why:
+        valid = [n for n in range(1, _tp_max(self.device) + 1) if _tp_misfit(n, *sizes) is None]
+        raise ValueError(f"Config.tensor_parallel_size={self.tensor_parallel_size} {why}; "
+                         f"use one of {', '.join(map(str, valid))}")
 
 # %% ../nbs/03_config.ipynb #5f408981
 @patch_to(Config)

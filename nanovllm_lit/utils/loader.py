@@ -4,25 +4,41 @@
 
 # %% ../../nbs/16a_loader.ipynb #f427c9d8
 from __future__ import annotations
-import json, os
+import json, os, warnings
 from glob import glob
 import torch
 from torch import nn
 from ..layers.linear import _copy_checked
 
 # %% auto #0
-__all__ = ['checkpoint_files', 'map_name', 'default_weight_loader', 'load_model']
+__all__ = ['checkpoint_files', 'map_name', 'default_weight_loader', 'load_model', 'warn_non_finite']
 
 # %% ../../nbs/16a_loader.ipynb #d27a93fd
+def _index_files(path: str, index: str) -> list[str]:
+    "The safetensors files the index json names, each checked to lie inside the model directory `path`."
+    try:
+        with open(index, encoding="utf-8") as f: obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from e
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no 'weight_map' (a non-empty object from tensor names to file names)")
+    root, files = os.path.realpath(path), []
+    for name in sorted(set(weight_map.values())):
+        f = os.path.join(path, name)
+        # subtle: the file itself may be a link (the HF hub cache links snapshots/x to ../../blobs/...), but
+        # the way to it may not leave the directory: not `../x`, not `/abs/x`, not a linked subdirectory.
+        inside = os.path.realpath(os.path.dirname(f))
+        if os.path.isabs(name) or not (inside == root or inside.startswith(root + os.sep)):
+            raise ValueError(f"{index} lists {name!r}: safetensors files must lie inside the model directory")
+        if not os.path.isfile(f): raise FileNotFoundError(f"{f} is listed in {index} but does not exist")
+        files.append(f)
+    return files
+
 def checkpoint_files(path) -> list[str]:
     "The safetensors files of the checkpoint in directory `path` (those of the index json if there is one)."
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f: names = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, n) for n in names]
-        for f in files:
-            if not os.path.isfile(f): raise FileNotFoundError(f"{f} is listed in {index} but does not exist")
-        return files
+    if os.path.isfile(index): return _index_files(path, index)
     files = sorted(glob(os.path.join(path, "*.safetensors")))
     if not files: raise FileNotFoundError(f"no *.safetensors files in {path}")
     return files
@@ -98,3 +114,19 @@ def load_model(model: nn.Module, path) -> None:
     if unexpected: problems.append(f"unexpected tensors (no parameter for them): {_fmt(unexpected)}")
     if missing: problems.append(f"missing tensors (parameters left unloaded): {_fmt(missing)}")
     if problems: raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(problems))
+    warn_non_finite(model, path)
+
+# %% ../../nbs/16a_loader.ipynb #61a08325
+@torch.no_grad()
+def warn_non_finite(model: nn.Module, path="") -> list[str]:
+    "Warn (RuntimeWarning) naming the parameters of `model` that hold NaN or inf; return their names."
+    named = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and p.numel()]
+    if not named: return []
+    # subtle: NaN and inf survive a sum (inf - inf is NaN), so a finite sum proves a tensor finite in one read;
+    # a sum of huge finite values may overflow, so a tensor with a non-finite sum gets the exact test.
+    sums_finite = torch.stack([p.sum(dtype=torch.float32) for _, p in named]).isfinite().tolist()  # one host sync
+    bad = [n for (n, p), ok in zip(named, sums_finite) if not ok and not torch.isfinite(p).all()]
+    if bad:
+        warnings.warn(f"checkpoint {path}: NaN or inf values in {len(bad)} parameter(s) after loading: {_fmt(bad, 4)}; "
+                      f"the model will likely generate garbage", RuntimeWarning, stacklevel=2)
+    return bad
