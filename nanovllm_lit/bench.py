@@ -32,14 +32,12 @@ H100_FLOOR_TOK_S = 25_200      # workload W, Qwen3-0.6B, one H100 (chapter 02)
 H100_BANDWIDTH, H100_FLOPS = 2.97e12, 789e12  # measured on the lent H100: bytes/s, bf16 FLOP/s
 
 def num_params(hf_config) -> int:
-    "Parameters of a Qwen3 config (embedding counted once when tied)."
-    c = hf_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    qkv = c.hidden_size * (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim
-    o = c.num_attention_heads * head_dim * c.hidden_size
-    layer = qkv + o + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size + 2 * head_dim
-    embed = c.vocab_size * c.hidden_size
-    return c.num_hidden_layers * layer + embed * (1 if c.tie_word_embeddings else 2) + c.hidden_size
+    "Parameters of the model `hf_config` describes (embedding counted once when tied), any registered architecture."
+    from nanovllm_lit.layers.linear import fake_tp
+    from nanovllm_lit.models import model_class_for
+    with torch.device("meta"), fake_tp(0, 1):              # shapes only: no memory, no time
+        model = model_class_for(hf_config)(hf_config)
+    return sum(p.numel() for p in model.parameters())     # a tied Parameter appears once
 
 def floor_estimate(prompt_lens: list[int], output_lens: list[int], hf_config, bytes_per_elem: int = 2,
                    bandwidth: float = H100_BANDWIDTH, flops: float = H100_FLOPS) -> dict:

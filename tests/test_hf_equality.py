@@ -1,6 +1,7 @@
-"""Our Qwen3ForCausalLM equals HF transformers' on the same tiny random checkpoints (fp32, CPU).
+"""Our models equal HF transformers' on the same tiny random checkpoints (fp32, CPU).
 
-For each config (GQA ratio 1, 2, 4; tied and untied embeddings; head_dim 16 and 32):
+For each config (Qwen3 with GQA ratio 1, 2, 4, tied and untied embeddings, head_dim 16 and 32; Llama with plain
+and llama3-scaled RoPE, tied and untied, with and without biases; Qwen2 with its q/k/v biases; Mistral):
 - varlen prefill: several sequences of different lengths packed into one flat batch, every position's logits;
 - prefill with a cached prefix, then decode steps, through a paged KV cache with shuffled block ids;
 - greedy tokens equal to HF `generate(do_sample=False)`, from our own loop over the paged cache.
@@ -10,13 +11,13 @@ import random
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig
-from transformers import Qwen3ForCausalLM as HFQwen3
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from nanovllm_lit.models.qwen3 import Qwen3Attention, Qwen3ForCausalLM
+from nanovllm_lit.models import model_class_for
+from nanovllm_lit.models.qwen3 import Qwen3Attention
 from nanovllm_lit.utils.context import reset_context, set_context
 from nanovllm_lit.utils.loader import load_model
-from nanovllm_lit.utils.testing import TINY_EOS_TOKEN_IDS, make_tiny_qwen3
+from nanovllm_lit.utils.testing import TINY_EOS_TOKEN_IDS, make_tiny_checkpoint
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -27,6 +28,19 @@ CONFIGS = {
                                    tie_word_embeddings=True, num_shards=2, rope_theta=1e6, initializer_range=0.1),
     "gqa4-hd16-tied": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
                            num_hidden_layers=3, initializer_range=0.2),
+    "llama-gqa2-hd16-untied": dict(architecture="LlamaForCausalLM", rope_theta=5e5),
+    "llama3rope-gqa4-hd32-tied-bias": dict(architecture="LlamaForCausalLM", num_attention_heads=8, num_key_value_heads=2,
+                                           head_dim=32, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                                           initializer_range=0.2,
+                                           rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 32}),
+    "llama-linear-rope-gqa1": dict(architecture="LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=4,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0}, num_shards=2),
+    "qwen2-gqa2-hd16-bias": dict(architecture="Qwen2ForCausalLM", initializer_range=0.1),
+    "qwen2-gqa4-tied": dict(architecture="Qwen2ForCausalLM", num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                            tie_word_embeddings=True, initializer_range=0.2),
+    "mistral-gqa4-hd8": dict(architecture="MistralForCausalLM", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
 }
 BLOCK_SIZE = 16
 VOCAB = 256
@@ -35,9 +49,11 @@ VOCAB = 256
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
 def models(request, tmp_path_factory):
     torch.set_num_threads(1)
-    path = make_tiny_qwen3(tmp_path_factory.mktemp(request.param), **CONFIGS[request.param])
-    hf = HFQwen3.from_pretrained(path).eval()
-    ours = Qwen3ForCausalLM(AutoConfig.from_pretrained(path))
+    kw = dict(CONFIGS[request.param])
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), kw.pop("architecture", "Qwen3ForCausalLM"), **kw)
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    hf_config = AutoConfig.from_pretrained(path)
+    ours = model_class_for(hf_config)(hf_config)
     load_model(ours, path)
     ours.eval()
     try:

@@ -14,7 +14,7 @@ from .sequence import Sequence
 from ..layers.attention import Attention, set_attention_backend
 from ..layers.linear import fake_tp
 from ..layers.sampler import Sampler
-from ..models.qwen3 import Qwen3ForCausalLM
+from ..models import model_class_for
 from ..utils.context import get_context, set_context, reset_context
 from ..utils.loader import load_model
 from ..utils.patch import patch_to
@@ -114,6 +114,8 @@ class RunnerSetup:
     shm_size: int = 0
     load_format: str = "auto"     # "auto": load the checkpoint; "dummy": random weights (benchmarks)
     cpu_threads: int = 0          # torch threads of each CPU worker (0: leave torch's default)
+    start_timeout_s: float = 600.0  # how long start-up (load, compile, capture) may leave a rank waiting for another
+    step_timeout_s: float = 120.0   # how long one call may leave a rank waiting for another (collectives, replies)
 
     @classmethod
     def for_engine(cls, config: Config, load_format: str = "auto") -> "RunnerSetup":
@@ -170,12 +172,12 @@ class ModelRunner:
 # %% ../../nbs/08_model_runner.ipynb #198552f5
 @patch_to(ModelRunner)
 def build_model(self) -> torch.nn.Module:
-    "Construct `Qwen3ForCausalLM` on the device in the target dtype, then load (or randomly fill) its weights."
+    "Construct the checkpoint's model class (chapter 15a's registry) on the device in the target dtype, then load (or randomly fill) its weights."
     prev = torch.get_default_dtype()
     torch.set_default_dtype(self.dtype)
     try:
         with torch.device(self.device), (fake_tp(0, 1) if self.world_size == 1 else nullcontext()):
-            model = Qwen3ForCausalLM(self.config.hf_config)
+            model = model_class_for(self.config.hf_config)(self.config.hf_config)   # chapter 15a
     finally: torch.set_default_dtype(prev)
     if self.setup.load_format == "dummy": init_dummy_weights(model, seed=self.rank)
     else: load_model(model, self.config.model)

@@ -22,26 +22,28 @@ def head_dim_of(hf_config) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 class Qwen3Attention(nn.Module):
-    "qkv_proj → per-head q/k RMSNorm → RoPE → paged Attention → o_proj."
+    "qkv_proj → per-head q/k RMSNorm (Qwen3; optional) → RoPE → paged Attention → o_proj."
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  max_position: int = 4096 * 32, rms_norm_eps: float = 1e-6, qkv_bias: bool = False,
-                 rope_theta: float = 10000.0, rope_scaling: dict | None = None):
+                 rope_theta: float = 10000.0, rope_scaling: dict | None = None, qk_norm: bool = True,
+                 o_bias: bool | None = None):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         # local (this rank's) head counts, as the fused projection split them
         self.num_heads, self.num_kv_heads, self.head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=qkv_bias if o_bias is None else o_bias)
         self.rotary_emb = get_rope(head_dim, head_dim, max_position, rope_theta, rope_scaling)
         self.attn = Attention(self.num_heads, head_dim, head_dim ** -0.5, self.num_kv_heads)
-        self.q_norm = RMSNorm(head_dim, eps=rms_norm_eps)
-        self.k_norm = RMSNorm(head_dim, eps=rms_norm_eps)
+        self.q_norm = RMSNorm(head_dim, eps=rms_norm_eps) if qk_norm else None   # Llama, Qwen2, Mistral: none
+        self.k_norm = RMSNorm(head_dim, eps=rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)                                   # (N, q_size + 2 kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))           # (N, H, D)
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))        # (N, KVH, D)
+        q = q.view(-1, self.num_heads, self.head_dim)                        # (N, H, D)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)                     # (N, KVH, D)
+        if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
         v = v.view(-1, self.num_kv_heads, self.head_dim)                     # (N, KVH, D)
         q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v)                                               # (N, H, D)
@@ -50,11 +52,11 @@ class Qwen3Attention(nn.Module):
 # %% ../../nbs/15_qwen3.ipynb #ecca8a1d
 class Qwen3MLP(nn.Module):
     "gate_up_proj → SiluAndMul → down_proj."
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu"):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False):
         super().__init__()
         if hidden_act != "silu": raise ValueError(f"Qwen3MLP supports hidden_act='silu' only, got {hidden_act!r}")
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,14 +65,16 @@ class Qwen3MLP(nn.Module):
 # %% ../../nbs/15_qwen3.ipynb #d06a36f6
 class Qwen3DecoderLayer(nn.Module):
     "Pre-norm transformer layer; norms fuse the residual adds."
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, qk_norm: bool = True, qkv_bias: bool = False, o_bias: bool = False,
+                 mlp_bias: bool = False):
         super().__init__()
         c = hf_config
         self.self_attn = Qwen3Attention(
             hidden_size=c.hidden_size, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
             head_dim=head_dim_of(c), max_position=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-            qkv_bias=getattr(c, "attention_bias", False), rope_theta=rope_theta_of(c), rope_scaling=rope_scaling_of(c))
-        self.mlp = Qwen3MLP(c.hidden_size, c.intermediate_size, getattr(c, "hidden_act", "silu"))
+            qkv_bias=qkv_bias, rope_theta=rope_theta_of(c), rope_scaling=rope_scaling_of(c), qk_norm=qk_norm,
+            o_bias=o_bias)
+        self.mlp = Qwen3MLP(c.hidden_size, c.intermediate_size, getattr(c, "hidden_act", "silu"), bias=mlp_bias)
         self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
@@ -89,11 +93,12 @@ def _check_supported(hf_config) -> None:
 
 class Qwen3Model(nn.Module):
     "Embedding, decoder layers, final norm: token ids (N,) -> hidden states (N, hidden)."
-    def __init__(self, hf_config):
+    def __init__(self, hf_config, **layer_options):
         super().__init__()
         _check_supported(hf_config)
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(hf_config) for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(hf_config, **layer_options)
+                                    for _ in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -113,9 +118,15 @@ class Qwen3ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    @staticmethod
+    def layer_options(hf_config) -> dict:
+        "What this architecture changes in the shared layers (chapter 15a): Qwen3 has q/k norms; biases if asked."
+        bias = getattr(hf_config, "attention_bias", False)
+        return dict(qk_norm=True, qkv_bias=bias, o_bias=bias, mlp_bias=False)
+
     def __init__(self, hf_config):
         super().__init__()
-        self.model = Qwen3Model(hf_config)
+        self.model = Qwen3Model(hf_config, **self.layer_options(hf_config))
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight     # one Parameter, two modules

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['TINY_QWEN3_DEFAULTS', 'TINY_EOS_TOKEN_IDS', 'save_safetensors_shards', 'make_tiny_qwen3', 'test_fail',
-           'skip_cuda_cells_without_gpu', 'skip_rest_without']
+__all__ = ['TINY_QWEN3_DEFAULTS', 'TINY_EOS_TOKEN_IDS', 'TINY_MODEL_TYPES', 'save_safetensors_shards', 'make_tiny_checkpoint',
+           'make_tiny_qwen3', 'test_fail', 'skip_cuda_cells_without_gpu', 'skip_rest_without']
 
 # %% ../../nbs/16b_testing.ipynb #f7b5d9c9
 TINY_QWEN3_DEFAULTS = dict(
@@ -56,20 +56,25 @@ def save_safetensors_shards(state_dict: dict, path, num_shards: int = 1) -> list
     return files
 
 # %% ../../nbs/16b_testing.ipynb #87bbb291
-def make_tiny_qwen3(path, num_shards: int = 1, seed: int = 0, norm_noise: float = 0.1,
-                    eos_token_ids=TINY_EOS_TOKEN_IDS, **overrides) -> str:
-    "Write a tiny random fp32 Qwen3 checkpoint (config, generation config, safetensors) to `path`; return `path`."
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+TINY_MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                    "MistralForCausalLM": "mistral"}
+
+def make_tiny_checkpoint(path, architecture: str = "Qwen3ForCausalLM", num_shards: int = 1, seed: int = 0,
+                         norm_noise: float = 0.1, eos_token_ids=TINY_EOS_TOKEN_IDS, **overrides) -> str:
+    "Write a tiny random fp32 HF checkpoint of `architecture` (config, generation config, safetensors); return `path`."
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     path = str(path)
     os.makedirs(path, exist_ok=True)
-    cfg = Qwen3Config(**{**TINY_QWEN3_DEFAULTS, **overrides}, architectures=["Qwen3ForCausalLM"], dtype="float32")
+    extra = {"sliding_window": None} if architecture == "MistralForCausalLM" else {}   # full attention
+    cfg = AutoConfig.for_model(TINY_MODEL_TYPES[architecture], **{**TINY_QWEN3_DEFAULTS, **extra, **overrides},
+                               architectures=[architecture], dtype="float32")
     # subtle: fork_rng keeps the caller's global RNG untouched while making the weights a function of `seed` only.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(cfg).float().eval()
+        model = AutoModelForCausalLM.from_config(cfg).float().eval()
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"): p.add_(norm_noise * torch.randn_like(p))  # all-ones would hide bugs
+            for name, p in model.named_parameters():   # all-ones norms and all-zero biases would hide loader bugs
+                if name.endswith("norm.weight") or name.endswith("bias"): p.add_(norm_noise * torch.randn_like(p))
     sd = model.state_dict()
     if cfg.tie_word_embeddings: sd.pop("lm_head.weight", None)
     save_safetensors_shards(sd, path, num_shards)
@@ -77,6 +82,10 @@ def make_tiny_qwen3(path, num_shards: int = 1, seed: int = 0, norm_noise: float 
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=list(eos_token_ids),
                      pad_token_id=cfg.bos_token_id).save_pretrained(path)
     return path
+
+def make_tiny_qwen3(path, **kwargs) -> str:
+    "`make_tiny_checkpoint` for Qwen3, the course's model."
+    return make_tiny_checkpoint(path, "Qwen3ForCausalLM", **kwargs)
 
 # %% ../../nbs/16b_testing.ipynb #7681bdd3
 def test_fail(f, exc: type[BaseException] = Exception, contains: str = ""):
