@@ -133,6 +133,8 @@ def _check_checkpoint(self):
     try: self.hf_config = AutoConfig.from_pretrained(self.model)
     except Exception as e:   # transformers 5 checks field types; its message names the field, ours adds the file
         raise ValueError(f"transformers cannot read {path}: {e}") from e
+    from nanovllm_lit.models import model_class_for              # (see check_architecture)
+    model_class_for(self.hf_config).check_config(self.hf_config)  # sliding windows, activations, RoPE scaling
 
 @patch_to(Config)
 def _check_budgets(self):

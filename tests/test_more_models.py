@@ -75,3 +75,17 @@ def test_registry_picks_a_registered_class(tmp_path):
         register_model("LlamaForCausalLM", LlamaForCausalLM)
     assert model_class_for(transformers.LlamaConfig(architectures=["LlamaForCausalLM"])) is LlamaForCausalLM
     assert set(MODEL_REGISTRY) >= {"Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"}
+
+
+def test_config_refuses_what_the_model_cannot_compute(tmp_path):
+    "Checked by Config, before any worker is spawned or any weight loaded."
+    import json
+    from nanovllm_lit.config import Config
+    mistral = make_tiny_checkpoint(tmp_path / "mistral", "MistralForCausalLM")
+    cfg = json.loads((tmp_path / "mistral" / "config.json").read_text())
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({**cfg, "sliding_window": 32}))
+    with pytest.raises(ValueError, match="sliding_window=32"): Config(mistral, device="cpu")
+    gelu = make_tiny_checkpoint(tmp_path / "gelu", "LlamaForCausalLM", hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu'"): Config(gelu, device="cpu")
+    dyn = make_tiny_checkpoint(tmp_path / "dyn", "LlamaForCausalLM", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="'dynamic' is not supported"): Config(dyn, device="cpu")

@@ -26,13 +26,18 @@ class Qwen2ForCausalLM(Qwen3ForCausalLM):
 
 class MistralForCausalLM(LlamaForCausalLM):
     "Mistral: Llama's layers; a sliding window is refused (it would change which keys a query may see)."
-    def __init__(self, hf_config):
+    @staticmethod
+    def check_config(hf_config) -> None:
+        LlamaForCausalLM.check_config(hf_config)
         window, positions = getattr(hf_config, "sliding_window", None), hf_config.max_position_embeddings
         if window is not None and window < positions:
             raise ValueError(f"MistralForCausalLM: sliding-window attention (sliding_window={window} < "
                              f"max_position_embeddings={positions}) is not supported; with sliding_window set to "
                              f"null in config.json the model runs with full attention, which is exact for "
                              f"sequences of up to {window} tokens")
+
+    def __init__(self, hf_config):
+        self.check_config(hf_config)
         super().__init__(hf_config)
 
 # %% ../../nbs/15a_more_models.ipynb #a251fead
@@ -49,7 +54,7 @@ def register_model(name: str, cls: type) -> None:
     "Make `LLM` build `cls` for checkpoints whose `architectures[0]` is `name`."
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_model: the name must be a non-empty string, got {name!r}")
-    missing = [a for a in ("compute_logits", "packed_modules_mapping") if not hasattr(cls, a)]
+    missing = [a for a in ("compute_logits", "packed_modules_mapping", "check_config") if not hasattr(cls, a)]
     if not isinstance(cls, type) or missing:
         raise TypeError(f"register_model: {cls!r} must be a model class with {missing or 'compute_logits'}")
     MODEL_REGISTRY[name] = cls

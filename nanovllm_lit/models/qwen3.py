@@ -11,7 +11,7 @@ from ..layers.attention import Attention
 from ..layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from ..layers.layernorm import RMSNorm
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from ..layers.rotary_embedding import get_rope, rope_scaling_of, rope_theta_of
+from ..layers.rotary_embedding import check_rope_scaling, get_rope, rope_scaling_of, rope_theta_of
 
 # %% auto #0
 __all__ = ['head_dim_of', 'Qwen3Attention', 'Qwen3MLP', 'Qwen3DecoderLayer', 'Qwen3Model', 'Qwen3ForCausalLM']
@@ -117,6 +117,14 @@ class Qwen3ForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+
+    @staticmethod
+    def check_config(hf_config) -> None:
+        "ValueError if `hf_config` asks for something this class does not compute (Config calls it before loading)."
+        _check_supported(hf_config)
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu": raise ValueError(f"hidden_act={act!r} is not supported (only 'silu')")
+        check_rope_scaling(rope_scaling_of(hf_config))
 
     @staticmethod
     def layer_options(hf_config) -> dict:
