@@ -4,9 +4,11 @@
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #2f807046
 from __future__ import annotations
-import os, pickle, socket, time, traceback, uuid
+import atexit, os, pickle, socket, time, traceback, uuid, weakref
 from dataclasses import dataclass
+from datetime import timedelta
 import multiprocessing as mp
+import multiprocessing.util  # subtle: registers its exit hook before ours, so ours runs first (Shutting down)
 from multiprocessing.connection import wait as _wait_ready
 from multiprocessing.shared_memory import SharedMemory
 import torch
@@ -16,7 +18,8 @@ from .model_runner import ModelRunner, RunnerSetup
 from ..utils.patch import patch_to
 
 # %% auto #0
-__all__ = ['pick_free_port', 'tp_setup', 'WorkerError', 'TPPeer', 'spawn_workers', 'tp_worker_main']
+__all__ = ['pick_free_port', 'seconds_from_env', 'tp_setup', 'WorkerError', 'TPPeer', 'spawn_workers', 'tp_worker_main',
+           'failure_report', 'stop_processes']
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #c29b0598
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -25,13 +28,24 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
+def seconds_from_env(name: str, default: float) -> float:
+    "Environment variable `name` as a positive number of seconds; `default` when it is not set."
+    value = os.environ.get(name)
+    if value is None: return default
+    try: seconds = float(value)
+    except ValueError: seconds = 0.0
+    if not 0 < seconds < 1e6: raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {value!r}")
+    return seconds
+
 def tp_setup(config: Config, load_format: str = "auto") -> RunnerSetup:
     "`RunnerSetup.for_engine` when tensor_parallel_size > 1: a fresh port and channel name, channel size, threads."
     shm_size = min(2**20 + 5 * config.max_num_seqs * config.max_model_len, 2**30)
     # CPU ranks share the cores: N ranks × torch's default (all cores) threads would oversubscribe them
     threads = min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     return RunnerSetup(pick_free_port(), f"nanovllm_lit_{os.getpid()}_{uuid.uuid4().hex[:8]}", shm_size,
-                       load_format, threads if config.device == "cpu" else 0)
+                       load_format, threads if config.device == "cpu" else 0,
+                       seconds_from_env("NANOVLLM_LIT_TP_START_TIMEOUT", RunnerSetup.start_timeout_s),
+                       seconds_from_env("NANOVLLM_LIT_TP_TIMEOUT", RunnerSetup.step_timeout_s))
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #9438d9b7
 class WorkerError(RuntimeError):
@@ -86,8 +100,8 @@ def _init_distributed(self):
                            "another process")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     backend = "nccl" if self.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{self.setup.port}",
-                            world_size=self.world_size, rank=self.rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{self.setup.port}", world_size=self.world_size,
+                            rank=self.rank, timeout=timedelta(seconds=self.setup.start_timeout_s))
     self._own_group = True
 
 @patch_to(ModelRunner)
@@ -101,8 +115,9 @@ def _barrier(self):
 def _tp_connect(self):
     "Start-up, before the model: rank 0 creates the call channel and waits for the workers' hello; all meet."
     if self.rank == 0:
+        _live_runners.add(self)   # from now on, interpreter exit stops our workers (see Shutting down)
         self.shm = SharedMemory(self.setup.shm_name, create=True, size=self.setup.shm_size)
-        self._wait_workers("hello")
+        self._wait_workers("hello", self.setup.start_timeout_s)
     self._init_distributed()
 
 @patch_to(ModelRunner)
@@ -110,15 +125,18 @@ def _tp_ready(self):
     "Start-up, after the graphs: a barrier; workers attach to the call channel, rank 0 waits for every 'ready'."
     self._barrier()
     if self.rank > 0: self.shm = SharedMemory(self.setup.shm_name)
-    else: self._wait_workers("ready")
+    else: self._wait_workers("ready", self.setup.start_timeout_s)
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)   # private (torch >= 2.3)
+    if set_timeout is not None: set_timeout(timedelta(seconds=self.setup.step_timeout_s))
 
 @patch_to(ModelRunner)
 def _tp_start_failed(self, e: BaseException):
-    "Rank 0, start-up failed: collect the workers' errors (the usual root cause), shut down, raise them if any."
-    errors = {} if isinstance(e, WorkerError) else self._gather("ready", timeout=5.0)[0]
-    self.broken = self.broken or "start-up failed"
-    self.exit()
-    if errors: raise WorkerError("\n".join(errors[r] for r in sorted(errors))) from e
+    "Rank 0, start-up failed: hear the workers (their error is the usual root cause), shut down, raise theirs if any."
+    try:
+        if not isinstance(e, WorkerError): self._own_part_failed(e, "start-up", "ready", self.setup.start_timeout_s)
+    finally:
+        self.broken = self.broken or "start-up failed"
+        self.exit()
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #14a342bd
 @patch_to(ModelRunner)
@@ -173,17 +191,27 @@ def _gather(self, expected: str, timeout: float | None = None) -> tuple[dict, se
             if p.conn not in ready and p.process.sentinel not in ready: continue
             kind, payload = _recv(p)
             if kind == expected: answered.add(p.rank)
-            elif kind == "error": errors[p.rank] = f"rank {p.rank} failed:\n{payload}"
+            elif kind == "error": errors[p.rank] = f"rank {p.rank} failed:\n{str(payload).rstrip()}"
             elif kind == "died": errors[p.rank] = f"rank {p.rank}: process exited (exit code {payload}; see its stderr)"
             # anything else (a late 'hello' during a failed start-up) is skipped
     return errors, answered
 
+def failure_report(errors: dict, silent: list, seconds: float, expected: str = "ok") -> str:
+    "What went wrong, rank by rank (`errors`, then the `silent` ranks that missed the deadline), and what to do."
+    env = "NANOVLLM_LIT_TP_TIMEOUT" if expected == "ok" else "NANOVLLM_LIT_TP_START_TIMEOUT"
+    lines = [errors[r] for r in sorted(errors)] + [
+        f"rank {r} did not answer within {seconds:g} s: its process is alive but stopped, stuck or slower than "
+        f"that (if it is only slow, raise {env})" for r in silent]
+    return "\n".join(lines + ["The engine cannot continue: exit() it and create a new one." if expected == "ok"
+                              else "The engine did not start; its workers are being stopped."])
+
 @patch_to(ModelRunner)
-def _wait_workers(self, expected: str = "ok"):
-    "Rank 0: wait until every worker says `expected`; raise `WorkerError` (and mark broken) if one fails or dies."
-    errors, _ = self._gather(expected)
-    if errors:
-        self.broken = "\n".join(errors[r] for r in sorted(errors))
+def _wait_workers(self, expected: str, timeout: float):
+    "Rank 0: wait up to `timeout` s for every worker to say `expected`; else raise `WorkerError`, mark broken."
+    errors, answered = self._gather(expected, timeout)
+    silent = [p.rank for p in self.peers if p.rank not in errors and p.rank not in answered]
+    if errors or silent:
+        self.broken = failure_report(errors, silent, timeout, expected)
         raise WorkerError(self.broken)
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #b75c3f9f
@@ -194,21 +222,31 @@ def call(self, method_name: str, *args):
     if self.closed: raise RuntimeError("the model runner has exited")
     if self.world_size == 1 or self.rank != 0: return getattr(self, method_name)(*args)
     if method_name == "exit": return self.exit()
-    dead = [p for p in self.peers if not p.process.is_alive()]
+    dead = {p.rank: f"rank {p.rank}: process exited (exit code {p.process.exitcode}; see its stderr)"
+            for p in self.peers if not p.process.is_alive()}
     if dead:  # do not start a call some ranks will never join
-        self.broken = "\n".join(f"rank {p.rank}: process exited (exit code {p.process.exitcode})" for p in dead)
+        self.broken = failure_report(dead, [], 0)
         raise WorkerError(self.broken)
     self.write_shm(method_name, *args)
     try: result = getattr(self, method_name)(*args)
     except BaseException as e:
-        errors, answered = self._gather("ok", timeout=10.0)
-        if errors or len(answered) < len(self.peers):  # ranks no longer in step: refuse further work
-            self.broken = "\n".join(errors[r] for r in sorted(errors)) or \
-                f"rank 0 failed in {method_name!r} ({e!r}) while workers were still running it"
-            if errors: raise WorkerError(self.broken) from e
+        self._own_part_failed(e, method_name, "ok", self.setup.step_timeout_s)
         raise
-    self._wait_workers("ok")
+    self._wait_workers("ok", self.setup.step_timeout_s)
     return result
+
+@patch_to(ModelRunner)
+def _own_part_failed(self, e: BaseException, what: str, expected: str, timeout: float):
+    "Rank 0's part of `what` raised `e`: hear the workers; raise `WorkerError` if one failed or stalled, else return."
+    timed_out = isinstance(e, RuntimeError) and "timed out" in str(e).lower()  # a collective gave up on a peer
+    wait = 1.0 if timed_out else min(timeout, 10.0)  # subtle: timed out = the peers had `timeout` s already
+    errors, answered = self._gather(expected, timeout=wait)
+    silent = [p.rank for p in self.peers if p.rank not in errors and p.rank not in answered]
+    if not errors and not silent: return            # every worker finished: still in step, `e` is rank 0's own
+    if errors or timed_out:
+        self.broken = failure_report(errors, silent, timeout if timed_out else wait, expected)
+        raise WorkerError(self.broken) from e
+    self.broken = f"rank 0 failed in {what!r} ({e!r}) while ranks {silent} were still running it"
 
 @patch_to(ModelRunner)
 def raise_on_rank(self, rank: int, message: str = "injected failure", then_all_reduce: bool = False):
@@ -217,23 +255,45 @@ def raise_on_rank(self, rank: int, message: str = "injected failure", then_all_r
     if then_all_reduce: dist.all_reduce(torch.zeros(1, device=self.device))
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #df10ea29
+def stop_processes(procs: list, grace: float = 0.0) -> None:
+    "Give `procs` `grace` s to exit, then SIGTERM them, then SIGKILL (a stopped process ignores SIGTERM); reap."
+    deadline = time.monotonic() + grace
+    for p in procs: p.join(max(0.0, deadline - time.monotonic()))
+    for stop in ("terminate", "kill"):
+        alive = [p for p in procs if p.is_alive()]
+        if not alive: return
+        for p in alive: getattr(p, stop)()
+        deadline = time.monotonic() + 1.0
+        for p in alive: p.join(max(0.0, deadline - time.monotonic()))
+
+# %% ../../nbs/08a_tensor_parallel.ipynb #b9f29ce5
 @patch_to(ModelRunner)
 def _tp_exit(self):
-    "Shut-down under TP: rank 0 asks the workers to exit (stops them if it must); every rank closes the channel."
+    "Shut-down under TP: rank 0 asks the workers to exit, then stops them (SIGTERM, then SIGKILL); all close the channel."
     if self.rank == 0 and self.peers:
-        if not self.broken and self.shm is not None:  # polite: ask, then wait for the goodbyes
+        _live_runners.discard(self)
+        polite = 0.0 if self.broken else min(5.0, self.setup.step_timeout_s)
+        deadline = time.monotonic() + polite
+        if polite and self.shm is not None:  # ask, then wait for the goodbyes
             try:
                 self.write_shm("exit")
-                self._gather("ok", timeout=30.0)
+                self._gather("ok", timeout=polite)
             except Exception: pass
-        for peer in self.peers:
-            if not self.broken: peer.process.join(timeout=5.0)
-            if peer.process.is_alive():  # broken or stuck (e.g. in a collective with a dead rank): stop it
-                peer.process.terminate(); peer.process.join(timeout=5.0)
-            peer.conn.close()
+        stop_processes([p.process for p in self.peers], grace=max(0.0, deadline - time.monotonic()))
+        for peer in self.peers: peer.conn.close()
     if self.shm is not None:
         self.shm.close()
         if self.rank == 0:
             try: self.shm.unlink()
             except FileNotFoundError: pass
         self.shm = None
+
+# %% ../../nbs/08a_tensor_parallel.ipynb #32660ad8
+_live_runners = weakref.WeakSet()   # rank-0 runners whose workers may be running (held weakly: no leak)
+
+@atexit.register
+def _exit_live_runners():
+    "Interpreter exit: exit every runner still running, before multiprocessing's hook joins (hangs on) stopped workers."
+    for runner in list(_live_runners):
+        try: runner.exit()
+        except Exception: pass
