@@ -313,15 +313,19 @@ def test_failed_run_leaves_no_stale_prefix_cache(ckpt, at_call):
 
 
 def test_failed_step_on_the_step_api_is_rolled_back(ckpt):
-    "add_request + step(): a failed decode at a block boundary re-queues the sequence, which then finishes right."
-    prompt = list(range(3, 3 + 31))          # 31 tokens: the first decode step fills block 2 (block size 16)
+    """add_request + step(): a decode that fails at a block boundary leaves the sequence running (its earlier KV is
+    written) but un-hashes the block whose last slot it never wrote; the sequence then finishes right."""
+    prompt = list(range(3, 3 + 31))          # 31 tokens: the first decode step fills its 2nd block (block size 16)
     with LLMEngine(ckpt, **SMALL, num_kvcache_blocks=64) as llm:
         sid = llm.add_request(prompt, GREEDY)
         llm.step()                           # prefill
         restore = _fail_once_in_run(llm, 1)
         with pytest.raises(KeyboardInterrupt): llm.step()
         restore()
-        assert list(llm.scheduler.waiting) and not llm.scheduler.running   # re-queued, nothing half-done
+        (seq,) = llm.scheduler.running       # still decoding, nothing half-done
+        bm = llm.scheduler.block_manager
+        assert not llm.scheduler.waiting and len(seq) == 32 and len(seq.block_table) == 2
+        assert bm.blocks[seq.block_table[1]].hash is None and len(bm.hash_to_block_id) == 1   # only the written block
         outs = []
         while not llm.is_finished(): outs += llm.step()[0]
         assert outs == [(sid, hf_greedy(ckpt, [prompt], 16)[0])]

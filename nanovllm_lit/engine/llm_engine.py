@@ -4,14 +4,16 @@
 
 # %% ../../nbs/07_llm_engine.ipynb #154e9b0f
 from __future__ import annotations
-import os, time, weakref
+import os, threading, time, weakref
+from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import fields
 from numbers import Integral
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from ..config import Config
 from ..sampling_params import SamplingParams
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 from .scheduler import Scheduler
 from .model_runner import ModelRunner, RunnerSetup, spawn_workers
 from ..utils.patch import patch_to
@@ -35,6 +37,8 @@ class LLMEngine:
         allowed = {f.name for f in fields(Config)} - {"model", "hf_config"}
         unknown = sorted(set(config_kwargs) - allowed)
         if unknown: raise TypeError(f"LLMEngine: unknown option(s) {unknown}; the options are {sorted(allowed)}")
+        self._lock = threading.RLock()             # held by the thread inside a public call (`_in_use`)
+        self._unreturned: list[Sequence] = []      # finished in a step that then raised: the next step returns them
         config = Config(model, **config_kwargs)
         self.tokenizer = load_tokenizer(config.model)
         self.outputs: dict[int, list[int]] = {}   # seq_id -> tokens of add_request()s that generate() finished
@@ -55,7 +59,7 @@ class LLMEngine:
             raise
 
     def exit(self):
-        "Stop the workers and free the model and KV cache (also runs at garbage collection or interpreter exit)."
+        "Stop the workers, free the model and KV cache; later calls are refused. Also runs at GC or interpreter exit."
         self._finalizer()
 
     def __enter__(self): return self
@@ -67,16 +71,33 @@ class LLMEngine:
                 f"kv={c.num_kvcache_blocks}×{c.kvcache_block_size} tokens, backend={c.attention_backend}, "
                 f"cuda_graphs={bool(r.graphs)})")
 
+# %% ../../nbs/07_llm_engine.ipynb #52872c7b
+@contextmanager
+def _in_use(engine: LLMEngine, what: str):
+    "Hold `engine` for one public call: refused after exit() or while another thread is inside (re-entrant)."
+    if not engine._finalizer.alive:
+        raise RuntimeError(f"the engine has exited: {what} is refused; create a new engine")
+    if not engine._lock.acquire(blocking=False):
+        raise RuntimeError(f"{what} refused: this engine is already running a step (or generate, add_request) in "
+                           "another thread; use one engine per thread")
+    try: yield
+    finally: engine._lock.release()
+
 # %% ../../nbs/07_llm_engine.ipynb #6e2f8266
 @patch_to(LLMEngine)
 def _make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams | None) -> Sequence:
     "Tokenize and validate one request; no side effect on the engine."
     sp = SamplingParams() if sampling_params is None else sampling_params
     if not isinstance(sp, SamplingParams):
-        raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+        hint = ": pass SamplingParams(**your_dict)" if isinstance(sp, dict) else ""
+        raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}{hint}")
     if isinstance(prompt, str):
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model!r} has no tokenizer: pass the prompt as a list of token ids")
+        try: prompt.encode("utf-8")   # a lone surrogate ('\ud800') is no text: the tokenizer would raise a raw error
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the prompt holds a lone surrogate {prompt[e.start]!r} at character {e.start}, which "
+                             "is not text (no UTF-8 encoding); check how the string was decoded") from None
         token_ids = self.tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)): token_ids = list(prompt)
     else: raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
@@ -92,41 +113,75 @@ def _make_sequence(self, prompt: str | list[int], sampling_params: SamplingParam
 @patch_to(LLMEngine)
 def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> int:
     "Validate and queue one request; return its sequence id. Raises ValueError / TypeError on bad input."
-    seq = self._make_sequence(prompt, sampling_params)
-    self.scheduler.add(seq)
-    return seq.seq_id
+    with _in_use(self, "add_request()"):
+        seq = self._make_sequence(prompt, sampling_params)
+        self.scheduler.add(seq)
+        return seq.seq_id
 
 # %% ../../nbs/07_llm_engine.ipynb #3b9cda98
 @patch_to(LLMEngine)
 def step(self) -> tuple[list[tuple[int, list[int]]], int]:
     "Run one scheduled batch: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
-    seqs, is_prefill = self.scheduler.schedule()
-    if not seqs: return [], 0
-    num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
-    try: token_ids = self.model_runner.call("run", seqs, is_prefill)
-    except BaseException:   # the KV of this step may not exist: never let it be hit, re-queue the batch
-        self.scheduler.rollback(seqs, is_prefill)
-        raise
-    self.scheduler.postprocess(seqs, token_ids)
-    return [(s.seq_id, s.completion_token_ids) for s in seqs if s.is_finished], num_tokens
+    with _in_use(self, "step()"):
+        done, self._unreturned, seqs = self._unreturned, [], []   # what a failed step could not return comes first
+        try:
+            seqs, is_prefill = self.scheduler.schedule()
+            num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
+            if seqs: self.scheduler.postprocess(seqs, self.model_runner.call("run", seqs, is_prefill))
+        except BaseException:     # any phase: keep what finished, put everyone else back in a queue, re-raise
+            self._unreturned = done + [s for s in seqs if s.is_finished]
+            self.scheduler.rollback()
+            raise
+        done += [s for s in seqs if s.is_finished]
+        return [(s.seq_id, s.completion_token_ids) for s in done], num_tokens
 
 @patch_to(LLMEngine)
 def is_finished(self) -> bool:
-    "True when no request is waiting or running."
-    return self.scheduler.is_finished()
+    "True when no request is waiting or running, and every finished one has been returned."
+    return self.scheduler.is_finished() and not self._unreturned
 
 # %% ../../nbs/07_llm_engine.ipynb #867918ad
 @patch_to(LLMEngine)
 def abort(self, seqs: list[Sequence]) -> None:
     "Drop the unfinished `seqs` from the queues and free their KV blocks (finish reason 'abort')."
-    sched = self.scheduler
-    for seq in seqs:
-        if seq.is_finished: continue
-        for queue in (sched.waiting, sched.running):
-            if seq in queue: queue.remove(seq)
-        sched.waiting_ids.discard(seq.seq_id)   # NOTE: the scheduler keeps waiting_ids == ids in waiting
-        if seq.block_table: sched.block_manager.deallocate(seq)
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+    for seq in seqs: self.scheduler.abort(seq)
+
+@patch_to(LLMEngine)
+def abort_request(self, seq_id: int) -> bool:
+    "Abort the request with the id add_request returned: True if it was pending; False (nothing done) if not."
+    if isinstance(seq_id, bool) or not isinstance(seq_id, Integral):
+        raise TypeError(f"seq_id must be the int that add_request returned, got {type(seq_id).__name__}")
+    with _in_use(self, "abort_request()"):
+        seq = self.scheduler.requests.get(int(seq_id))
+        if seq is None: return False            # finished, aborted already, or never issued
+        self.scheduler.abort(seq)
+        return True
+
+# %% ../../nbs/07_llm_engine.ipynb #53822154
+def _prompt_list(prompts) -> list:
+    "generate's prompts as a list: one str is one prompt; an ordered iterable (a generator too) is a batch."
+    if isinstance(prompts, str): return [prompts]
+    if isinstance(prompts, (dict, set, frozenset)):
+        raise TypeError(f"prompts is a {type(prompts).__name__}, which has no clear order (and for a dict: keys or "
+                        "values?); pass a list of prompts")
+    if not isinstance(prompts, Iterable):
+        got = "None" if prompts is None else type(prompts).__name__
+        raise TypeError(f"prompts must be a list of prompts (strings or token-id lists), got {got}")
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], Integral):
+        raise TypeError("prompts must be a list of prompts; wrap a single token-id prompt: [[1, 2, 3]]")
+    return prompts
+
+def _params_list(sampling_params, n: int) -> list:
+    "One sampling-params entry per prompt: None or one SamplingParams is shared; a list must have `n`."
+    if sampling_params is None or isinstance(sampling_params, SamplingParams): return [sampling_params] * n
+    if isinstance(sampling_params, dict): raise TypeError("sampling_params is a dict: pass SamplingParams(**your_dict)")
+    if isinstance(sampling_params, str) or not isinstance(sampling_params, Iterable):
+        raise TypeError("sampling_params must be a SamplingParams or a list of them, "
+                        f"got {type(sampling_params).__name__}")
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != n: raise ValueError(f"got {n} prompts but {len(sampling_params)} sampling params")
+    return sampling_params
 
 # %% ../../nbs/07_llm_engine.ipynb #32eaac83
 @patch_to(LLMEngine)
@@ -134,39 +189,37 @@ def generate(self, prompts: list[str] | list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[dict]:
     "Generate for every prompt; -> [{'text', 'token_ids'}] in input order (text None without a tokenizer)."
-    if isinstance(prompts, str): prompts = [prompts]
-    if prompts and isinstance(prompts[0], Integral):
-        raise TypeError("prompts must be a list of prompts; wrap a single token-id prompt: [[1, 2, 3]]")
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        sampling_params = [sampling_params] * len(prompts)
-    if len(sampling_params) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
-    seqs = []
-    for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):  # validate all before queueing any
-        try: seqs.append(self._make_sequence(prompt, sp))
-        except (ValueError, TypeError) as e: raise type(e)(f"prompt {i}: {e}") from None
-    for seq in seqs: self.scheduler.add(seq)
-    index = {seq.seq_id: i for i, seq in enumerate(seqs)}
-    results: list = [None] * len(seqs)
-    pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-    prefill_tps = decode_tps = 0.0
-    try:
-        while not self.is_finished():
-            t = time.perf_counter()
-            output, num_tokens = self.step()
-            dt = time.perf_counter() - t
-            if num_tokens > 0: prefill_tps = num_tokens / dt
-            elif num_tokens < 0: decode_tps = -num_tokens / dt
-            pbar.set_postfix({"Prefill": f"{prefill_tps:.0f}tok/s", "Decode": f"{decode_tps:.0f}tok/s"}, refresh=False)
-            for seq_id, token_ids in output:
-                if seq_id in index:
-                    results[index[seq_id]] = token_ids
-                    pbar.update(1)
-                else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
-    except BaseException:   # e.g. KeyboardInterrupt: leave no half-done request of ours behind
-        self.abort(seqs)
-        raise
-    finally: pbar.close()
+    with _in_use(self, "generate()"):
+        prompts = _prompt_list(prompts)
+        sampling_params = _params_list(sampling_params, len(prompts))
+        seqs = []
+        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):  # validate all before queueing any
+            try: seqs.append(self._make_sequence(prompt, sp))
+            except (ValueError, TypeError) as e:
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {i}: {e}") from None
+        index = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        results: list = [None] * len(seqs)
+        pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        try:
+            for seq in seqs: self.scheduler.add(seq)
+            while not self.is_finished():
+                t = time.perf_counter()
+                output, num_tokens = self.step()
+                for seq_id, token_ids in output:     # first: nothing that could raise comes between step and here
+                    if seq_id in index: results[index[seq_id]] = token_ids
+                    else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
+                dt = time.perf_counter() - t
+                if num_tokens > 0: prefill_tps = num_tokens / dt
+                elif num_tokens < 0: decode_tps = -num_tokens / dt
+                pbar.set_postfix({"Prefill": f"{prefill_tps:.0f}tok/s", "Decode": f"{decode_tps:.0f}tok/s"},
+                                 refresh=False)
+                pbar.update(sum(seq_id in index for seq_id, _ in output))
+        except BaseException:   # e.g. KeyboardInterrupt: leave no half-done request of ours behind
+            self.abort(seqs)
+            self._unreturned = [s for s in self._unreturned if s.seq_id not in index]   # ours: the error says it
+            raise
+        finally: pbar.close()
     # The text leaves out special tokens (the EOS that ended a completion); token_ids keep it, as nano-vllm's do.
     tok = self.tokenizer
     decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else (lambda ids: None)

@@ -26,6 +26,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.waiting_ids: set[int] = set()  # NOTE: always {s.seq_id for s in waiting}; every change to waiting keeps it
         self.running: deque[Sequence] = deque()
+        self.requests: dict[int, Sequence] = {}  # NOTE: added, not finished; between steps = the two queues
         self.trace: list | None = None      # a list → schedule() appends one record per step
         self.num_steps = 0
 
@@ -61,6 +62,7 @@ def add(self, seq: Sequence) -> None:
     self.check(seq)
     self.waiting.append(seq)
     self.waiting_ids.add(seq.seq_id)
+    self.requests[seq.seq_id] = seq
 
 # %% ../../nbs/06_scheduler.ipynb #7108a809
 @patch_to(Scheduler)
@@ -123,22 +125,51 @@ def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
         self.running.remove(seq)
+        del self.requests[seq.seq_id]
         finished.append(seq.seq_id)
     if self.trace: self.trace[-1]["finished"] = finished
 
+# %% ../../nbs/06_scheduler.ipynb #b43252ca
+@patch_to(Scheduler)
+def abort(self, seq: Sequence) -> None:
+    "Between steps: take an unfinished `seq` out of its queue and free its blocks (finish reason 'abort')."
+    if seq.is_finished: return
+    for queue in (self.waiting, self.running):
+        if seq in queue: queue.remove(seq)
+    self.waiting_ids.discard(seq.seq_id)   # NOTE: waiting_ids == ids in waiting, always
+    if seq.block_table: self.block_manager.deallocate(seq)
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+    self.requests.pop(seq.seq_id, None)
+
 # %% ../../nbs/06_scheduler.ipynb #464db028
 @patch_to(Scheduler)
-def rollback(self, seqs: list[Sequence], is_prefill: bool) -> None:
-    "Undo a scheduled step whose model run failed: un-hash the blocks it was to fill, re-queue its sequences."
+def _forget_unwritten(self, seq: Sequence) -> None:
+    "Un-hash `seq`'s blocks whose KV may be missing: past its cached prefix before its prefill, else its last token's."
     bm = self.block_manager
-    for seq in seqs:
-        if seq.status != SequenceStatus.RUNNING: continue
-        # NOTE: allocate/may_append hash a block when it is scheduled, before its KV is written; if the write
-        # never happened those hashes would serve garbage KV to the next request with the same prefix.
-        first = seq.num_cached_blocks if is_prefill else len(seq.block_table) - 1
-        for block_id in seq.block_table[first:]: bm.forget(block_id)
-        self.running.remove(seq)
+    first = seq.num_cached_blocks if seq.needs_prefill else (len(seq) - 1) // bm.block_size
+    for block_id in seq.block_table[first:]: bm.forget(block_id)
+
+@patch_to(Scheduler)
+def rollback(self) -> list[Sequence]:
+    "After an exception anywhere in a step: put every accepted sequence back in a consistent place; -> those re-queued."
+    waiting, running = {s.seq_id for s in self.waiting}, {s.seq_id for s in self.running}
+    lost = []
+    for seq in list(self.requests.values()):
+        if seq.is_finished:                        # postprocess finished it before the failure: finish the release
+            if seq.block_table: self.block_manager.deallocate(seq)
+            if seq.seq_id in running: self.running.remove(seq)
+            del self.requests[seq.seq_id]
+        elif seq.seq_id in running and seq.status == SequenceStatus.RUNNING and not seq.needs_prefill:
+            self._forget_unwritten(seq)            # decoding: stays; its last token's KV may be missing
+        elif not (seq.seq_id in waiting and seq.status == SequenceStatus.WAITING and not seq.block_table):
+            lost.append(seq)                       # caught half-way through the step
+    for seq in reversed(lost):                     # to the head of the queue, oldest first
+        self._forget_unwritten(seq)
+        for queue in (self.waiting, self.running):
+            if seq in queue: queue.remove(seq)
         self.preempt(seq)
+    self.waiting_ids = {s.seq_id for s in self.waiting}
+    return lost
 
 # %% ../../nbs/06_scheduler.ipynb #2b74bb07
 @patch_to(Scheduler)
