@@ -5,7 +5,7 @@ so do the scheduler's own (queues, budgets, statuses); every accepted sequence f
 of steps, with exactly the tokens an unconstrained run produces; then every block is free. Bad requests get a
 clear ValueError and the others still finish."""
 import functools, json, math, os, pickle, random, tempfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 
 import pytest
@@ -312,3 +312,21 @@ def test_trace_is_off_by_default_and_records_each_step():
         assert t["ref_counts"] == dict(refs)
         assert t["num_free_blocks"] + len(t["ref_counts"]) == 5
     assert sorted(sid for t in sched.trace for sid in t["finished"]) == sorted(s.seq_id for s in seqs)
+
+
+class _NoScanDeque(deque):
+    "A waiting queue that fails any membership test or scan: queueing must not look through the queue."
+    def __contains__(self, item): raise AssertionError("Scheduler.add scanned the waiting queue (O(n) per add)")
+    def __iter__(self): raise AssertionError("Scheduler.add iterated over the waiting queue (O(n) per add)")
+    def index(self, *a): raise AssertionError("Scheduler.add searched the waiting queue (O(n) per add)")
+    def count(self, *a): raise AssertionError("Scheduler.add searched the waiting queue (O(n) per add)")
+
+
+def test_queueing_does_not_scan_the_queue():
+    "add() is O(1): 2,000 requests never look through `waiting` (the duplicate check is a set of ids)."
+    sched = Scheduler(make_config(num_kvcache_blocks=64))
+    sched.waiting = _NoScanDeque()
+    seqs = [Sequence([1, 2, 3, i % 200], SamplingParams(max_tokens=4), block_size=16) for i in range(2000)]
+    for seq in seqs: sched.add(seq)
+    assert len(sched.waiting) == 2000 and len(sched.waiting_ids) == 2000
+    with pytest.raises(ValueError, match="not a new sequence"): sched.add(seqs[7])   # still refused, by id
