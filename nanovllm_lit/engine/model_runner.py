@@ -14,6 +14,7 @@ from .sequence import Sequence
 from ..layers.attention import Attention, set_attention_backend
 from ..layers.linear import fake_tp
 from ..layers.sampler import Sampler
+from ..layers.sampling_filters import SamplingBatch, sample_batch, logprobs_of
 from ..models import model_class_for
 from ..utils.context import get_context, set_context, reset_context
 from ..utils.loader import load_model
@@ -83,9 +84,20 @@ def prepare_decode(seqs: list[Sequence], block_size: int, device="cpu",
                    block_tables=_tensor(prepare_block_tables(seqs, table_width), i32, device))
     return _tensor(input_ids, torch.int64, device), _tensor(positions, torch.int64, device), context
 
-def prepare_sample(seqs: list[Sequence], device="cpu") -> torch.Tensor:
-    "Per-sequence temperatures (0 = greedy), float32 on `device`."
-    return _tensor([seq.temperature for seq in seqs], torch.float32, device)
+# %% ../../nbs/08_model_runner.ipynb #fd7c7399
+def prepare_sample(seqs: list[Sequence], device="cpu") -> SamplingBatch:
+    "Sampling inputs of `seqs` on `device`: temperatures; filters, generators, logprobs counts only where used."
+    temperatures = _tensor([seq.temperature for seq in seqs], torch.float32, device)
+    params = [seq.sampling_params for seq in seqs]
+    filters = (None, None, None)
+    if any(sp.uses_filters for sp in params):
+        filters = (_tensor([sp.top_k for sp in params], torch.int64, device),
+                   _tensor([sp.top_p for sp in params], torch.float32, device),
+                   _tensor([sp.min_p for sp in params], torch.float32, device))
+    generators = tuple((i, seq.generator_on(device)) for i, (seq, sp) in enumerate(zip(seqs, params))
+                       if sp.seed is not None)
+    logprobs = tuple(sp.logprobs for sp in params) if any(sp.logprobs is not None for sp in params) else None
+    return SamplingBatch(temperatures, *filters, generators=generators, logprobs=logprobs)
 
 # %% ../../nbs/08_model_runner.ipynb #c30f7575
 def torch_dtype(dtype) -> torch.dtype:
@@ -153,6 +165,7 @@ class ModelRunner:
         self.graphs, self.graph_bs, self.graph_vars, self.graph_pool = {}, [], {}, None
         self.shm, self.broken, self.closed, self._own_group = None, None, False, False
         self.model = self.kv_cache = None
+        self.last_logprobs = None  # rank 0, after `run`: the step's log-probabilities, if any asked (see `run`)
         try:
             if self.device.type == "cuda": torch.cuda.set_device(self.device)
             if self.world_size > 1: self._tp_connect()     # 08a: call channel, workers' hello, rendezvous
@@ -272,8 +285,8 @@ def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tens
     return input_ids, positions
 
 @patch_to(ModelRunner)
-def prepare_sample(self, seqs: list[Sequence]) -> torch.Tensor:
-    "Temperatures of `seqs` on this runner's device."
+def prepare_sample(self, seqs: list[Sequence]) -> SamplingBatch:
+    "The `SamplingBatch` of `seqs` on this runner's device (rank 0 only: seeded sequences get their generator here)."
     return prepare_sample(seqs, self.device)
 
 # %% ../../nbs/08_model_runner.ipynb #48aea564
@@ -299,12 +312,16 @@ def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill
 @patch_to(ModelRunner)
 def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
     "One engine step on this rank: prepare, forward, sample. Rank 0 returns one token id per sequence."
+    self.last_logprobs = None
     input_ids, positions = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
-    temperatures = self.prepare_sample(seqs) if self.rank == 0 else None
+    batch = self.prepare_sample(seqs) if self.rank == 0 else None
     try:
         logits = self.run_model(input_ids, positions, is_prefill)
         if self.rank != 0: return None
-        with torch.inference_mode(): return self.sampler(logits, temperatures).tolist()
+        with torch.inference_mode():
+            token_ids = sample_batch(logits, batch)   # chapter 14's fast path unless a row filters or is seeded
+            if batch.logprobs is not None: self.last_logprobs = logprobs_of(logits, token_ids, batch.logprobs)
+            return token_ids.tolist()
     finally: reset_context()
 
 # %% ../../nbs/08_model_runner.ipynb #3126c9f6

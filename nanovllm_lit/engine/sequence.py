@@ -7,7 +7,9 @@ from __future__ import annotations
 from enum import Enum, auto
 from itertools import count
 from numbers import Integral
+import torch
 from ..sampling_params import SamplingParams
+from ..utils.patch import patch_to
 
 # %% auto #0
 __all__ = ['SequenceStatus', 'Sequence', 'block_rows', 'show_blocks']
@@ -39,6 +41,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_size = int(block_size)
         self.temperature, self.max_tokens, self.ignore_eos = sp.temperature, sp.max_tokens, sp.ignore_eos
+        self.sampling_params = sp       # the whole request (filters, seed, stop, logprobs): chapters 14a, 07
+        self.generator = None           # its own RNG when sp.seed is set: made on first use (`generator_on`)
         self.finish_reason: str | None = None
         self.needs_prefill = True       # the KV cache lacks this sequence's tokens (new, or preempted)
 
@@ -75,6 +79,15 @@ class Sequence:
     def __repr__(self):
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens} "
                 f"(prompt {self.num_prompt_tokens}), cached={self.num_cached_tokens}, blocks={self.block_table})")
+
+# %% ../../nbs/04_sequence.ipynb #1b554079
+@patch_to(Sequence)
+def generator_on(self, device) -> torch.Generator | None:
+    "This sequence's own generator, seeded with `sampling_params.seed` and made on `device` at first use; None if unseeded."
+    seed = self.sampling_params.seed
+    if seed is None: return None
+    if self.generator is None: self.generator = torch.Generator(device=device).manual_seed(seed)
+    return self.generator
 
 # %% ../../nbs/04_sequence.ipynb #816cf2c4
 def block_rows(seq: Sequence) -> list[dict]:

@@ -10,7 +10,7 @@ from ..sampling_params import GREEDY_BELOW
 from ..utils.context import compile_on_cuda
 
 # %% auto #0
-__all__ = ['sample', 'Sampler']
+__all__ = ['sample', 'Sampler', 'chi2_quantile', 'chi2_stat']
 
 # %% ../../nbs/14_sampler.ipynb #2cef8868
 @compile_on_cuda  # on the GPU the passes over (num_seqs, vocab) fuse into a few kernels (chapter 16)
@@ -29,3 +29,18 @@ class Sampler(nn.Module):
     "One token per row from softmax(logits / T); rows with T < GREEDY_BELOW (0 too) take the argmax. No host sync."
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         return sample(logits, temperatures)
+
+# %% ../../nbs/14_sampler.ipynb #964cfa07
+def chi2_quantile(p: float, df: int) -> float:
+    "The p-quantile of the chi-square distribution with df degrees of freedom (bisection on the CDF)."
+    lo, hi, a = 0.0, 10.0 * df + 100.0, torch.tensor(df / 2, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if torch.special.gammainc(a, torch.tensor(mid / 2, dtype=torch.float64)) < p: lo = mid
+        else: hi = mid
+    return (lo + hi) / 2
+
+def chi2_stat(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    "Pearson's X² of observed counts against expected probabilities."
+    expected = counts.sum() * probs
+    return float(((counts - expected) ** 2 / expected).sum())
