@@ -118,6 +118,40 @@ def add_request(self, prompt: str | list[int], sampling_params: SamplingParams |
         self.scheduler.add(seq)
         return seq.seq_id
 
+# %% ../../nbs/07_llm_engine.ipynb #a3046c49
+@patch_to(LLMEngine)
+def _make_sequences(self, prompts: list, sampling_params: list) -> list[Sequence]:
+    "Validate every request before queueing any; an error names the prompt's index."
+    seqs = []
+    for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):
+        try: seqs.append(self._make_sequence(prompt, sp))
+        except (ValueError, TypeError) as e:
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {i}: {e}") from None
+    return seqs
+
+@patch_to(LLMEngine)
+def _stop_on_strings(self, seqs: list[Sequence]) -> None:
+    "Feed new tokens to each sequence's `OutputText` (stop strings, streams); finish it ('stop') on a match."
+    if self.tokenizer is None: return
+    from nanovllm_lit.engine.streaming import OutputText   # chapter 07b (which imports this module)
+    for seq in seqs:
+        if seq.output_text is None and not seq.sampling_params.stop: continue
+        out = seq.output_text = seq.output_text or OutputText(self.tokenizer, seq.sampling_params.stop)
+        ids = seq.completion_token_ids
+        if seq.finish_reason == "stop" and not out.stopped: ids = ids[:-1]   # the EOS / stop token is no text
+        if out.add(ids[len(out.ids):]) and not seq.is_finished: self.scheduler.abort(seq, reason="stop")
+
+@patch_to(LLMEngine)
+def _result(self, seq: Sequence) -> dict:
+    "A finished sequence's result: text, token_ids, finish_reason (and logprobs when asked)."
+    ids, out = seq.completion_token_ids, seq.output_text
+    if self.tokenizer is None: text = None
+    elif out is not None and out.stopped: text = out.text
+    else: text = self.tokenizer.decode(ids[:-1] if seq.finish_reason == "stop" else ids, skip_special_tokens=True)
+    result = {"text": text, "token_ids": ids, "finish_reason": seq.finish_reason}
+    if seq.sampling_params.logprobs is not None: result["logprobs"] = list(seq.output_logprobs)
+    return result
+
 # %% ../../nbs/07_llm_engine.ipynb #3b9cda98
 @patch_to(LLMEngine)
 def step(self) -> tuple[list[tuple[int, list[int]]], int]:
@@ -127,7 +161,10 @@ def step(self) -> tuple[list[tuple[int, list[int]]], int]:
         try:
             seqs, is_prefill = self.scheduler.schedule()
             num_tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else -len(seqs)
-            if seqs: self.scheduler.postprocess(seqs, self.model_runner.call("run", seqs, is_prefill))
+            if seqs:
+                token_ids = self.model_runner.call("run", seqs, is_prefill)
+                self.scheduler.postprocess(seqs, token_ids, self.model_runner.last_logprobs)
+                self._stop_on_strings(seqs)        # chapter 07b: a stop string ends a completion too
         except BaseException:     # any phase: keep what finished, put everyone else back in a queue, re-raise
             self._unreturned = done + [s for s in seqs if s.is_finished]
             self.scheduler.rollback()
@@ -188,15 +225,11 @@ def _params_list(sampling_params, n: int) -> list:
 def generate(self, prompts: list[str] | list[list[int]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[dict]:
-    "Generate for every prompt; -> [{'text', 'token_ids'}] in input order (text None without a tokenizer)."
+    "Generate for every prompt; -> [{'text', 'token_ids', 'finish_reason'(, 'logprobs')}] in input order."
     with _in_use(self, "generate()"):
         prompts = _prompt_list(prompts)
         sampling_params = _params_list(sampling_params, len(prompts))
-        seqs = []
-        for i, (prompt, sp) in enumerate(zip(prompts, sampling_params)):  # validate all before queueing any
-            try: seqs.append(self._make_sequence(prompt, sp))
-            except (ValueError, TypeError) as e:
-                raise (TypeError if isinstance(e, TypeError) else ValueError)(f"prompt {i}: {e}") from None
+        seqs = self._make_sequences(prompts, sampling_params)   # validate all before queueing any
         index = {seq.seq_id: i for i, seq in enumerate(seqs)}
         results: list = [None] * len(seqs)
         pbar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -207,7 +240,7 @@ def generate(self, prompts: list[str] | list[list[int]],
                 t = time.perf_counter()
                 output, num_tokens = self.step()
                 for seq_id, token_ids in output:     # first: nothing that could raise comes between step and here
-                    if seq_id in index: results[index[seq_id]] = token_ids
+                    if seq_id in index: results[index[seq_id]] = seqs[index[seq_id]]
                     else: self.outputs[seq_id] = token_ids  # a request queued with add_request: kept for its owner
                 dt = time.perf_counter() - t
                 if num_tokens > 0: prefill_tps = num_tokens / dt
@@ -220,7 +253,7 @@ def generate(self, prompts: list[str] | list[list[int]],
             self._unreturned = [s for s in self._unreturned if s.seq_id not in index]   # ours: the error says it
             raise
         finally: pbar.close()
-    # The text leaves out special tokens (the EOS that ended a completion); token_ids keep it, as nano-vllm's do.
-    tok = self.tokenizer
-    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else (lambda ids: None)
-    return [{"text": decode(ids), "token_ids": ids} for ids in results]
+    return [self._result(seq) for seq in results]
+
+# %% ../../nbs/07_llm_engine.ipynb #4beb0f1a
+from . import streaming as _streaming  # noqa: E402,F401  (adds LLMEngine.generate_stream)

@@ -113,13 +113,15 @@ def preempt(self, seq: Sequence) -> None:
 
 # %% ../../nbs/06_scheduler.ipynb #bcfb8142
 @patch_to(Scheduler)
-def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-    "Append each sampled token; finish on EOS / max_tokens / max_model_len and release the blocks."
+def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list | None = None) -> None:
+    "Append each sampled token (and its logprobs); finish on EOS / a stop token / max_tokens / max_model_len."
     finished = []
-    for seq, token_id in zip(seqs, token_ids, strict=True):
+    for i, (seq, token_id) in enumerate(zip(seqs, token_ids, strict=True)):
         token_id = int(token_id)
         seq.append_token(token_id)
+        if logprobs is not None and logprobs[i] is not None: seq.output_logprobs.append(logprobs[i])
         if not seq.ignore_eos and token_id in self.eos_token_ids: seq.finish_reason = "stop"
+        elif token_id in seq.sampling_params.stop_token_ids: seq.finish_reason = "stop"   # even with ignore_eos
         elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
         else: continue
         seq.status = SequenceStatus.FINISHED
@@ -131,14 +133,14 @@ def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
 
 # %% ../../nbs/06_scheduler.ipynb #b43252ca
 @patch_to(Scheduler)
-def abort(self, seq: Sequence) -> None:
-    "Between steps: take an unfinished `seq` out of its queue and free its blocks (finish reason 'abort')."
+def abort(self, seq: Sequence, reason: str = "abort") -> None:
+    "Between steps: take an unfinished `seq` out of its queue and free its blocks (finish reason `reason`)."
     if seq.is_finished: return
     for queue in (self.waiting, self.running):
         if seq in queue: queue.remove(seq)
     self.waiting_ids.discard(seq.seq_id)   # NOTE: waiting_ids == ids in waiting, always
     if seq.block_table: self.block_manager.deallocate(seq)
-    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason   # "stop": a stop string (chapter 07b)
     self.requests.pop(seq.seq_id, None)
 
 # %% ../../nbs/06_scheduler.ipynb #464db028

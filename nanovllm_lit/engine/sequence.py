@@ -44,6 +44,8 @@ class Sequence:
         self.sampling_params = sp       # the whole request (filters, seed, stop, logprobs): chapters 14a, 07
         self.generator = None           # its own RNG when sp.seed is set: made on first use (`generator_on`)
         self.finish_reason: str | None = None
+        self.output_logprobs: list[dict] = []   # one {token_id: logprob} per completion token, if sp.logprobs is set
+        self.output_text = None                 # rank 0: its growing text, when stop strings or a stream need it (07b)
         self.needs_prefill = True       # the KV cache lacks this sequence's tokens (new, or preempted)
 
     def __len__(self): return self.num_tokens
