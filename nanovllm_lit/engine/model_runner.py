@@ -13,7 +13,6 @@ from ..sampling_params import SamplingParams
 from .sequence import Sequence
 from ..layers.attention import Attention, set_attention_backend
 from ..layers.linear import fake_tp
-from ..layers.sampler import Sampler
 from ..layers.sampling_filters import SamplingBatch, sample_batch, logprobs_of
 from ..models import model_class_for
 from ..utils.context import get_context, set_context, reset_context
@@ -171,7 +170,6 @@ class ModelRunner:
             if self.world_size > 1: self._tp_connect()     # 08a: call channel, workers' hello, rendezvous
             self.model = self.build_model()
             set_attention_backend(self.model, config.attention_backend)
-            self.sampler = Sampler()
             self.warmup_model()
             self.allocate_kv_cache()
             if not self.enforce_eager: self.capture_cudagraph()
