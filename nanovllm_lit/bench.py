@@ -10,17 +10,17 @@ from .sampling_params import SamplingParams
 
 # %% auto #0
 __all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'make_workload', 'num_params', 'floor_estimate',
-           'disable_prefix_cache', 'measure_card', 'default_model', 'run_bench', 'format_result', 'main']
+           'disable_prefix_cache', 'measure_card', 'default_model', 'run_bench', 'format_result', 'parse_shape', 'main']
 
 # %% ../nbs/17a_bench.ipynb #2140b114
 def make_workload(num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
                   min_output_len: int = 100, max_output_len: int = 1024, max_token_id: int = 10000,
-                  shared_prefix: int = 0, seed: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+                  shared_prefix: int = 0, seed: int = 0, temperature: float = 0.6) -> tuple[list[list[int]], list[SamplingParams]]:
     "nano-vllm's benchmark requests: (prompt token ids, sampling params); `shared_prefix` ids prepended to all."
     rng = random.Random(seed)
     prompts = [[rng.randint(0, max_token_id) for _ in range(rng.randint(min_input_len, max_input_len))]
                for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(min_output_len, max_output_len))
+    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=rng.randint(min_output_len, max_output_len))
               for _ in range(num_seqs)]
     if shared_prefix:
         prefix = [rng.randint(0, max_token_id) for _ in range(shared_prefix)]
@@ -88,7 +88,7 @@ def default_model() -> str:
 
 def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
               min_output_len: int = 100, max_output_len: int = 1024, shared_prefix: int = 0, prefix_cache: bool = True,
-              load_format: str | None = None, **engine_kwargs) -> dict:
+              load_format: str | None = None, temperature: float = 0.6, **engine_kwargs) -> dict:
     "Run workload W (or a variant) once; -> dict of sizes, seconds, output tok/s and the engine's settings."
     from nanovllm_lit.engine.llm_engine import LLMEngine
     if model is None: model = default_model()
@@ -101,7 +101,7 @@ def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int 
         if not prefix_cache: disable_prefix_cache(llm)
         vocab = llm.config.hf_config.vocab_size
         prompts, params = make_workload(num_seqs, min_input_len, max_input_len, min_output_len, max_output_len,
-                                        shared_prefix=shared_prefix)
+                                        shared_prefix=shared_prefix, temperature=temperature)
         if vocab <= 10000: prompts = [[t % vocab for t in p] for p in prompts]  # tiny vocabularies (--tiny)
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
         if llm.config.device == "cuda": torch.cuda.synchronize()
@@ -146,6 +146,13 @@ def format_result(r: dict) -> str:
                      f"workload and model on this card: {r['floor']['seconds']:.2f} s)")
     return "\n".join(lines)
 
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    "`'256x512x512'` -> (requests, prompt tokens, output tokens); ValueError naming the flag otherwise."
+    try: b, i, o = (int(x) for x in shape.lower().split("x"))
+    except ValueError: b = i = o = 0
+    if min(b, i, o) < 1: raise ValueError(f"--shape must be BxIxO with three positive ints (e.g. 256x512x512), got {shape!r}")
+    return b, i, o
+
 def main(argv: list[str] | None = None) -> dict:
     "Command line: `python -m nanovllm_lit.bench [--tiny] [--no-cuda-graph] [--no-prefix-cache] ...`."
     ap = argparse.ArgumentParser(prog="python -m nanovllm_lit.bench", description=__doc__)
@@ -161,17 +168,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backend", default=None, help="attention backend: torch | triton | flash-attn")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--shape", help="BxIxO instead of W: B requests of exactly I prompt and O output tokens, greedy")
     a = ap.parse_args(argv)
     kw = dict(enforce_eager=a.no_cuda_graph, tensor_parallel_size=a.tp, attention_backend=a.backend,
               shared_prefix=a.shared_prefix, prefix_cache=not a.no_prefix_cache)
+    sizes = (dict(num_seqs=32, min_input_len=32, max_input_len=256, min_output_len=32, max_output_len=128) if a.tiny
+             else dict(num_seqs=a.num_seqs, max_input_len=a.max_input_len, max_output_len=a.max_output_len))
+    if a.shape:   # the fixed shapes of the speed targets: every request the same length, greedy
+        b, i, o = parse_shape(a.shape)
+        sizes, kw["temperature"] = dict(num_seqs=b, min_input_len=i, max_input_len=i, min_output_len=o, max_output_len=o), 0.0
     if a.tiny:
         torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
-        r = run_bench(a.model or _tiny_model(), num_seqs=32, min_input_len=32, max_input_len=256, min_output_len=32,
-                      max_output_len=128, device="cpu", max_model_len=1024, max_num_batched_tokens=4096,
-                      num_kvcache_blocks=1024, **kw)
+        r = run_bench(a.model or _tiny_model(), device="cpu", max_model_len=1024, max_num_batched_tokens=4096,
+                      num_kvcache_blocks=1024, **sizes, **kw)
     else:
-        r = run_bench(a.model, num_seqs=a.num_seqs, max_input_len=a.max_input_len, max_output_len=a.max_output_len,
-                      max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization, **kw)
+        r = run_bench(a.model, max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
+                      **sizes, **kw)
     print(format_result(r))
     return r
 
