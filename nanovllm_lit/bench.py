@@ -10,7 +10,7 @@ from .sampling_params import SamplingParams
 
 # %% auto #0
 __all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'make_workload', 'num_params', 'floor_estimate',
-           'disable_prefix_cache', 'measure_card', 'default_model', 'run_bench', 'format_result', 'parse_shape', 'main']
+           'disable_prefix_cache', 'measure_card', 'default_model', 'run_bench', 'parse_shape', 'format_result', 'main']
 
 # %% ../nbs/17a_bench.ipynb #2140b114
 def make_workload(num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
@@ -122,6 +122,14 @@ def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int 
         return result
     finally: llm.exit()
 
+# %% ../nbs/17a_bench.ipynb #f8d64196
+def parse_shape(shape: str) -> tuple[int, int, int]:
+    "`'256x512x512'` -> (requests, prompt tokens, output tokens); ValueError naming the flag otherwise."
+    try: b, i, o = (int(x) for x in shape.lower().split("x"))
+    except ValueError: b = i = o = 0
+    if min(b, i, o) < 1: raise ValueError(f"--shape must be BxIxO with three positive ints (e.g. 256x512x512), got {shape!r}")
+    return b, i, o
+
 # %% ../nbs/17a_bench.ipynb #6dc286df
 def _tiny_model() -> str:
     "A tiny random Qwen3 checkpoint in a temporary directory (CPU mode)."
@@ -145,13 +153,6 @@ def format_result(r: dict) -> str:
         lines.append(f"ratio to the floor: {r['output_tok_s'] / floor:.3f} (floor {floor / 1e3:.1f}k tok/s for this "
                      f"workload and model on this card: {r['floor']['seconds']:.2f} s)")
     return "\n".join(lines)
-
-def parse_shape(shape: str) -> tuple[int, int, int]:
-    "`'256x512x512'` -> (requests, prompt tokens, output tokens); ValueError naming the flag otherwise."
-    try: b, i, o = (int(x) for x in shape.lower().split("x"))
-    except ValueError: b = i = o = 0
-    if min(b, i, o) < 1: raise ValueError(f"--shape must be BxIxO with three positive ints (e.g. 256x512x512), got {shape!r}")
-    return b, i, o
 
 def main(argv: list[str] | None = None) -> dict:
     "Command line: `python -m nanovllm_lit.bench [--tiny] [--no-cuda-graph] [--no-prefix-cache] ...`."
