@@ -9,8 +9,9 @@ import torch
 from .sampling_params import SamplingParams
 
 # %% auto #0
-__all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'make_workload', 'num_params', 'floor_estimate',
-           'disable_prefix_cache', 'measure_card', 'default_model', 'run_bench', 'parse_shape', 'format_result', 'main']
+__all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'KERNEL_GROUPS', 'make_workload', 'num_params', 'floor_estimate',
+           'disable_prefix_cache', 'measure_card', 'default_model', 'run_workload', 'run_bench', 'parse_shape',
+           'shape_workload', 'format_result', 'kernel_group', 'profile_decode', 'format_profile', 'main']
 
 # %% ../nbs/17a_bench.ipynb #2140b114
 def make_workload(num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
@@ -86,40 +87,47 @@ def default_model() -> str:
     import nanovllm_lit
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(nanovllm_lit.__file__))), "assets", "qwen3-0.6b")
 
-def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
-              min_output_len: int = 100, max_output_len: int = 1024, shared_prefix: int = 0, prefix_cache: bool = True,
-              load_format: str | None = None, temperature: float = 0.6, **engine_kwargs) -> dict:
-    "Run workload W (or a variant) once; -> dict of sizes, seconds, output tok/s and the engine's settings."
+def _engine(model, load_format, engine_kwargs):
     from nanovllm_lit.engine.llm_engine import LLMEngine
     if model is None: model = default_model()
     if load_format is None:  # a directory without weights means random weights
         load_format = "auto" if any(f.endswith(".safetensors") for f in os.listdir(model)) else "dummy"
+    return LLMEngine(model, load_format=load_format, **engine_kwargs), load_format
+
+def run_workload(llm, prompts, params, prefix_cache: bool = True, card=None, load_format="dummy") -> dict:
+    "Time `generate` over one workload on a built engine (after a small warm-up); -> the figures and settings."
+    vocab = llm.config.hf_config.vocab_size
+    if vocab <= 10000: prompts = [[t % vocab for t in p] for p in prompts]  # tiny vocabularies (--tiny)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    if llm.config.device == "cuda": torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    c = llm.config
+    result = dict(num_seqs=len(prompts), prompt_tokens=sum(map(len, prompts)),
+                  output_tokens=sum(sp.max_tokens for sp in params), seconds=seconds,
+                  device=torch.cuda.get_device_name() if c.device == "cuda" else "cpu",
+                  cuda_graphs=bool(llm.model_runner.graphs), prefix_cache=prefix_cache, dtype=c.dtype,
+                  backend=c.attention_backend, tensor_parallel_size=c.tensor_parallel_size,
+                  overlap=c.overlap_scheduling, kv_blocks=c.num_kvcache_blocks, block_size=c.kvcache_block_size,
+                  load_format=load_format, card=card, floor=None if card is None else floor_estimate(
+                      [len(p) for p in prompts], [sp.max_tokens for sp in params], c.hf_config,
+                      bandwidth=card["bandwidth"], flops=card["flops"]))
+    result["output_tok_s"] = result["output_tokens"] / seconds
+    return result
+
+def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
+              min_output_len: int = 100, max_output_len: int = 1024, shared_prefix: int = 0, prefix_cache: bool = True,
+              load_format: str | None = None, temperature: float = 0.6, **engine_kwargs) -> dict:
+    "Run workload W (or a variant) once on a fresh engine; -> dict of sizes, seconds, output tok/s and the settings."
     on_gpu = engine_kwargs.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
     card = measure_card() if on_gpu else None              # before the engine takes the memory
-    llm = LLMEngine(model, load_format=load_format, **engine_kwargs)
+    llm, load_format = _engine(model, load_format, engine_kwargs)
     try:
         if not prefix_cache: disable_prefix_cache(llm)
-        vocab = llm.config.hf_config.vocab_size
         prompts, params = make_workload(num_seqs, min_input_len, max_input_len, min_output_len, max_output_len,
                                         shared_prefix=shared_prefix, temperature=temperature)
-        if vocab <= 10000: prompts = [[t % vocab for t in p] for p in prompts]  # tiny vocabularies (--tiny)
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
-        if llm.config.device == "cuda": torch.cuda.synchronize()
-        t = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - t
-        c = llm.config
-        result = dict(num_seqs=num_seqs, prompt_tokens=sum(map(len, prompts)),
-                      output_tokens=sum(sp.max_tokens for sp in params), seconds=seconds,
-                      device=torch.cuda.get_device_name() if c.device == "cuda" else "cpu",
-                      cuda_graphs=bool(llm.model_runner.graphs), prefix_cache=prefix_cache, dtype=c.dtype,
-                      backend=c.attention_backend, tensor_parallel_size=c.tensor_parallel_size,
-                      kv_blocks=c.num_kvcache_blocks, block_size=c.kvcache_block_size, load_format=load_format,
-                      card=card, floor=None if card is None else floor_estimate(
-                          [len(p) for p in prompts], [sp.max_tokens for sp in params], c.hf_config,
-                          bandwidth=card["bandwidth"], flops=card["flops"]))
-        result["output_tok_s"] = result["output_tokens"] / seconds
-        return result
+        return run_workload(llm, prompts, params, prefix_cache, card, load_format)
     finally: llm.exit()
 
 # %% ../nbs/17a_bench.ipynb #f8d64196
@@ -129,6 +137,12 @@ def parse_shape(shape: str) -> tuple[int, int, int]:
     except ValueError: b = i = o = 0
     if min(b, i, o) < 1: raise ValueError(f"--shape must be BxIxO with three positive ints (e.g. 256x512x512), got {shape!r}")
     return b, i, o
+
+def shape_workload(shape: str) -> tuple[list[list[int]], list[SamplingParams]]:
+    "`'W'`: workload W; `'BxIxO'`: B random prompts of exactly I tokens, each generating exactly O, greedy."
+    if shape.upper() == "W": return make_workload()
+    b, i, o = parse_shape(shape)
+    return make_workload(b, i, i, o, o, temperature=0.0)
 
 # %% ../nbs/17a_bench.ipynb #6dc286df
 def _tiny_model() -> str:
@@ -144,7 +158,8 @@ def format_result(r: dict) -> str:
              + (" (W: nano-vllm's bench.py, seed 0)" if is_w else ""),
              f"engine: {r['device']}, {r['dtype']}, tp={r['tensor_parallel_size']}, backend={r['backend']}, "
              f"cuda graphs={'on' if r['cuda_graphs'] else 'off'}, prefix cache={'on' if r['prefix_cache'] else 'off'}, "
-             f"kv={r['kv_blocks']}x{r['block_size']} tokens, weights={r['load_format']}",
+             f"overlap={'on' if r.get('overlap') else 'off'}, kv={r['kv_blocks']}x{r['block_size']} tokens, "
+             f"weights={r['load_format']}",
              f"Total: {r['output_tokens']} tok, Time: {r['seconds']:.2f} s, Throughput: {r['output_tok_s']:.0f} tok/s"]
     if r.get("floor"):
         card, floor = r["card"], r["floor"]["output_tok_s"]
@@ -154,8 +169,82 @@ def format_result(r: dict) -> str:
                      f"workload and model on this card: {r['floor']['seconds']:.2f} s)")
     return "\n".join(lines)
 
-def main(argv: list[str] | None = None) -> dict:
-    "Command line: `python -m nanovllm_lit.bench [--tiny] [--no-cuda-graph] [--no-prefix-cache] ...`."
+# %% ../nbs/17a_bench.ipynb #be8a9844
+def _timed(obj, name: str, totals: dict, label: str):
+    "Wrap `obj.name` so that its wall time adds to totals[label]; -> a function that undoes it."
+    real = getattr(obj, name)
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try: return real(*args, **kwargs)
+        finally: totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+    setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, real) if isinstance(obj, type) else delattr(obj, name)
+
+KERNEL_GROUPS = {"attention": ("_decode_kernel", "_decode_reduce", "_prefill_kernel"), "kv store": ("_store_kvcache",),
+                 "sampler": ("sample", "argmax", "exponential", "softmax", "_race"),
+                 "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk"),
+                 "fused norm/rope/act": ("triton_",), "copy/fill": ("memcpy", "memset", "copy", "fill")}
+
+def kernel_group(name: str) -> str:
+    "The group of a kernel, from its name (first match in `KERNEL_GROUPS`), else 'other'."
+    low = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS.items() if any(k.lower() in low for k in keys)), "other")
+
+# %% ../nbs/17a_bench.ipynb #d92368dd
+def profile_decode(llm, num_seqs: int = 256, prompt_len: int = 512, steps: int = 20) -> dict:
+    "Where a decode step goes: host ms per phase, GPU ms and kernels per step by group, wall ms per step."
+    from nanovllm_lit.engine.overlap import SampledTokens
+    rng, cuda = random.Random(1), llm.config.device == "cuda"
+    sp = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
+    vocab = min(10000, llm.config.hf_config.vocab_size)
+    for _ in range(num_seqs): llm.add_request([rng.randrange(vocab) for _ in range(prompt_len)], sp)
+    while llm.scheduler.waiting: llm.step()                       # the prefills
+    for _ in range(3): llm.step()                                 # into steady decode
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    r, s, over, host = llm.model_runner, llm.scheduler, llm.config.overlap_scheduling, {}
+    undo = [_timed(s, "schedule", host, "schedule"), _timed(r, "prepare_decode", host, "prepare inputs"),
+            _timed(r, "run_model", host, "launch forward"), _timed(r, "prepare_sample", host, "sampling inputs"),
+            _timed(r, "run_async" if over else "run", host, "runner call (all above but schedule, + sampler)"),
+            _timed(SampledTokens, "wait", host, "wait for sampled ids"),
+            _timed(s, "resolve" if over else "postprocess", host, "postprocess / resolve")]
+    sync(); t = time.perf_counter()
+    for _ in range(steps): llm.step()
+    sync(); wall = (time.perf_counter() - t) / steps
+    for u in undo: u()
+    groups = {}
+    if cuda:
+        from torch.autograd import DeviceType
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps): llm.step()
+            sync()
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA: continue
+            g = groups.setdefault(kernel_group(e.name), [0.0, 0])
+            g[0] += e.time_range.elapsed_us() / 1e3 / steps
+            g[1] += 1 / steps
+    while not llm.is_finished(): llm.step()
+    return dict(num_seqs=num_seqs, prompt_len=prompt_len, overlap=over, wall_ms=wall * 1e3,
+                host_ms={k: v * 1e3 / steps for k, v in host.items()}, gpu_ms={k: v[0] for k, v in groups.items()},
+                kernels={k: v[1] for k, v in groups.items()})
+
+# %% ../nbs/17a_bench.ipynb #a99743f3
+def format_profile(p: dict) -> str:
+    "The profile as two small tables (ms per decode step)."
+    lines = [f"profile: {p['num_seqs']} seqs x {p['prompt_len']} prompt tokens, overlap {'on' if p['overlap'] else 'off'}: "
+             f"{p['wall_ms']:.3f} ms per decode step (wall)", "  host, ms per step:"]
+    lines += [f"    {k:<50} {v:8.3f}" for k, v in p["host_ms"].items()]
+    if p["gpu_ms"]:
+        gpu = sum(p["gpu_ms"].values())
+        lines.append(f"  GPU, ms per step: {gpu:.3f} in {sum(p['kernels'].values()):.0f} kernels "
+                     f"({gpu / p['wall_ms']:.0%} of the wall time)")
+        lines += [f"    {k:<24} {v:8.3f} ms {p['kernels'][k]:6.0f} kernels"
+                  for k, v in sorted(p["gpu_ms"].items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines)
+
+# %% ../nbs/17a_bench.ipynb #78c3bd0c
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    "Command line: `python -m nanovllm_lit.bench [--tiny] [--shape W,BxIxO,...] [--profile] [--no-overlap] ...`."
     ap = argparse.ArgumentParser(prog="python -m nanovllm_lit.bench", description=__doc__)
     ap.add_argument("--model", help="checkpoint dir (default: assets/qwen3-0.6b, random weights)")
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny random model, 32 short requests")
@@ -165,28 +254,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shared-prefix", type=int, default=0, help="same N random ids in front of every prompt")
     ap.add_argument("--no-cuda-graph", action="store_true", help="enforce_eager")
     ap.add_argument("--no-prefix-cache", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="the synchronous loop (overlap_scheduling=False)")
+    ap.add_argument("--profile", action="store_true", help="then: where a decode step goes, per workload shape")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--backend", default=None, help="attention backend: torch | triton | flash-attn")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--shape", help="BxIxO instead of W: B requests of exactly I prompt and O output tokens, greedy")
+    ap.add_argument("--shape", help="W and/or BxIxO, comma-separated, on one engine: B requests of exactly I "
+                                    "prompt and O output tokens, greedy")
     a = ap.parse_args(argv)
+    shapes = a.shape.split(",") if a.shape else ["W"]
+    for s in shapes:
+        if s.upper() != "W": parse_shape(s)                       # a bad flag fails before the engine starts
     kw = dict(enforce_eager=a.no_cuda_graph, tensor_parallel_size=a.tp, attention_backend=a.backend,
-              shared_prefix=a.shared_prefix, prefix_cache=not a.no_prefix_cache)
-    sizes = (dict(num_seqs=32, min_input_len=32, max_input_len=256, min_output_len=32, max_output_len=128) if a.tiny
-             else dict(num_seqs=a.num_seqs, max_input_len=a.max_input_len, max_output_len=a.max_output_len))
-    if a.shape:   # the fixed shapes of the speed targets: every request the same length, greedy
-        b, i, o = parse_shape(a.shape)
-        sizes, kw["temperature"] = dict(num_seqs=b, min_input_len=i, max_input_len=i, min_output_len=o, max_output_len=o), 0.0
+              overlap_scheduling=False if a.no_overlap else None)
     if a.tiny:
         torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
-        r = run_bench(a.model or _tiny_model(), device="cpu", max_model_len=1024, max_num_batched_tokens=4096,
-                      num_kvcache_blocks=1024, **sizes, **kw)
-    else:
-        r = run_bench(a.model, max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization,
-                      **sizes, **kw)
-    print(format_result(r))
-    return r
+        kw.update(device="cpu", max_model_len=1024, max_num_batched_tokens=4096, num_kvcache_blocks=1024)
+    else: kw.update(max_model_len=a.max_model_len, gpu_memory_utilization=a.gpu_memory_utilization)
+    card = measure_card() if kw.get("device", "cuda" if torch.cuda.is_available() else "cpu") == "cuda" else None
+    llm, load_format = _engine(a.model or (_tiny_model() if a.tiny else None), None, kw)
+    results = []
+    try:
+        if a.no_prefix_cache: disable_prefix_cache(llm)
+        for s in shapes:
+            if s.upper() != "W": prompts, params = shape_workload(s)
+            elif a.tiny: prompts, params = make_workload(32, 32, 256, 32, 128, shared_prefix=a.shared_prefix)
+            else: prompts, params = make_workload(a.num_seqs, 100, a.max_input_len, 100, a.max_output_len,
+                                                  shared_prefix=a.shared_prefix)
+            results.append(run_workload(llm, prompts, params, not a.no_prefix_cache, card, load_format))
+            print(format_result(results[-1]), flush=True)
+        if a.profile:
+            for s, r in zip(shapes, results):
+                b, i = (r["num_seqs"], 512 if s.upper() == "W" else parse_shape(s)[1])
+                results[shapes.index(s)]["profile"] = p = profile_decode(llm, b, min(i, llm.config.max_model_len // 2))
+                print(format_profile(p), flush=True)
+    finally: llm.exit()
+    return results[0] if len(results) == 1 else results
 
 # %% ../nbs/17a_bench.ipynb #48a86eac
 #| eval: false

@@ -107,6 +107,7 @@ class Config:
     kvcache_block_size: int | None = None   # None → 256 on cuda, 16 on cpu; multiple of 16 (256 for flash-attn)
     num_kvcache_blocks: int | None = None   # None → sized by the ModelRunner
     cpu_kvcache_bytes: int = 256 * 2**20    # KV budget on cpu
+    overlap_scheduling: bool | None = None  # None → True on cuda, False on cpu (chapter 08b)
     hf_config: object = None                # set in __post_init__
     eos_token_ids: frozenset = field(default_factory=frozenset)  # filled in __post_init__ when empty
 
@@ -172,6 +173,9 @@ def _resolve_device(self):
         raise ValueError(f"Config.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
     if self.attention_backend == "flash-attn" and self.device != "cuda":
         raise ValueError("Config.attention_backend 'flash-attn' needs device='cuda'")
+    if self.overlap_scheduling is None: self.overlap_scheduling = self.device == "cuda"
+    if not isinstance(self.overlap_scheduling, bool):
+        raise ValueError(f"Config.overlap_scheduling must be True, False or None, got {self.overlap_scheduling!r}")
 
 # %% ../nbs/03_config.ipynb #24dfdaa0
 def _tp_misfit(tp: int, heads: int, kv_heads: int, vocab: int, intermediate: int) -> str | None:

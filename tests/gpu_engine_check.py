@@ -161,6 +161,20 @@ def main():
         return f"{info['preempted']} preemptions"
     c6()
 
+    @check("overlap scheduling (the default on CUDA) == the synchronous loop (fp32 + bf16 graphs, preemption, EOS)")
+    def c_overlap():
+        for kw in (dict(num_kvcache_blocks=20, **fp32), dict(dtype="bfloat16")):
+            on, info = generate(path, prompts, sp, overlap_scheduling=True, **kw)
+            off, _ = generate(path, prompts, sp, overlap_scheduling=False, **kw)
+            assert info["graphs"] and on == off, (kw, on, off)
+        eos = base[path][7][10]              # a token the longest request samples mid-way: several stop early
+        spe = SamplingParams(temperature=0, max_tokens=n)
+        on, _ = generate(path, prompts, spe, overlap_scheduling=True, eos_token_ids={eos}, **fp32)
+        off, _ = generate(path, prompts, spe, overlap_scheduling=False, eos_token_ids={eos}, **fp32)
+        assert on == off and sum(len(x) < n for x in on) >= 1, (on, off)
+        return f"{sum(len(x) < n for x in on)} requests ended on EOS"
+    c_overlap()
+
     @check("KV cache sized from free GPU memory")
     def c7():
         free, total = torch.cuda.mem_get_info()

@@ -198,19 +198,25 @@ def can_append(self, seq: Sequence) -> bool:
     return len(self.free_block_ids) >= seq.num_blocks - len(seq.block_table)
 
 @patch_to(BlockManager)
+def hash_block(self, seq: Sequence, i: int) -> None:
+    "Record full block `i` of `seq` in the prefix cache: its chain hash (on block i-1's) and its tokens."
+    block = self.blocks[seq.block_table[i]]
+    assert block.hash is None and block.ref_count == 1   # NOTE: we only ever write blocks we hold alone
+    prefix = self.blocks[seq.block_table[i - 1]].hash if i > 0 else None
+    token_ids = seq.block(i)
+    block.update(self.compute_hash(token_ids, prefix), token_ids)
+    self.hash_to_block_id[block.hash] = block.block_id
+
+@patch_to(BlockManager)
 def may_append(self, seq: Sequence) -> None:
     "Before a decode step: a block for the last token's slot; hash the last block if this step fills it."
     table = seq.block_table
     assert table and seq.num_blocks - len(table) in (0, 1), f"seq {seq.seq_id}: table out of step"
     if len(table) < seq.num_blocks:          # the last token starts a new block
         table.append(self._allocate_block().block_id)
-    if len(seq) % self.block_size == 0:      # the step writes the last slot: the block becomes full
-        last = self.blocks[table[-1]]
-        assert last.hash is None and last.ref_count == 1   # NOTE: we only ever write blocks we hold alone
-        prefix = self.blocks[table[-2]].hash if len(table) > 1 else None
-        token_ids = seq.block(len(table) - 1)
-        last.update(self.compute_hash(token_ids, prefix), token_ids)
-        self.hash_to_block_id[last.hash] = last.block_id
+    # the step writes the last slot: the block becomes full. NOTE: if that token is still on the GPU
+    # (overlap scheduling, chapter 08b), the block is hashed when its id arrives, not now.
+    if len(seq) % self.block_size == 0 and not seq.num_pending: self.hash_block(seq, len(table) - 1)
 
 # %% ../../nbs/05_block_manager.ipynb #e727223b
 @patch_to(BlockManager)

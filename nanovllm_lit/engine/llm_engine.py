@@ -39,6 +39,7 @@ class LLMEngine:
         if unknown: raise TypeError(f"LLMEngine: unknown option(s) {unknown}; the options are {sorted(allowed)}")
         self._lock = threading.RLock()             # held by the thread inside a public call (`_in_use`)
         self._unreturned: list[Sequence] = []      # finished in a step that then raised: the next step returns them
+        self._inflight = None                      # overlap scheduling (chapter 08b): the step the host has not read
         config = Config(model, **config_kwargs)
         self.tokenizer = load_tokenizer(config.model)
         self.outputs: dict[int, list[int]] = {}   # seq_id -> tokens of add_request()s that generate() finished
@@ -156,6 +157,7 @@ def _result(self, seq: Sequence) -> dict:
 @patch_to(LLMEngine)
 def step(self) -> tuple[list[tuple[int, list[int]]], int]:
     "Run one scheduled batch: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
+    if self.config.overlap_scheduling: return self.step_overlap()   # chapter 08b: the same loop, one step ahead
     with _in_use(self, "step()"):
         done, self._unreturned, seqs = self._unreturned, [], []   # what a failed step could not return comes first
         try:
@@ -175,7 +177,7 @@ def step(self) -> tuple[list[tuple[int, list[int]]], int]:
 @patch_to(LLMEngine)
 def is_finished(self) -> bool:
     "True when no request is waiting or running, and every finished one has been returned."
-    return self.scheduler.is_finished() and not self._unreturned
+    return self.scheduler.is_finished() and not self._unreturned and self._inflight is None
 
 # %% ../../nbs/07_llm_engine.ipynb #867918ad
 @patch_to(LLMEngine)
@@ -257,3 +259,4 @@ def generate(self, prompts: list[str] | list[list[int]],
 
 # %% ../../nbs/07_llm_engine.ipynb #4beb0f1a
 from . import streaming as _streaming  # noqa: E402,F401  (adds LLMEngine.generate_stream)
+from . import overlap as _overlap      # noqa: E402,F401  (adds LLMEngine.step_overlap)

@@ -84,8 +84,12 @@ def schedule(self) -> tuple[list[Sequence], bool]:
     is_prefill = bool(scheduled)
     if not is_prefill:
         # decode: one token for every running sequence; preempt from the back when blocks run out
+        kept = []
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
+            if seq.num_pending and self.ends_by_length(seq):   # NOTE: overlap (chapter 08b): its last token
+                kept.append(seq)                               # is sampled already; feeding it would be waste
+                continue
             while not bm.can_append(seq):
                 victim = self.running.pop() if self.running else seq
                 self.preempt(victim)
@@ -94,13 +98,19 @@ def schedule(self) -> tuple[list[Sequence], bool]:
             else:
                 bm.may_append(seq)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))   # keep arrival order
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))   # keep arrival order
     # NOTE: check() refused every sequence that could never fit, so there is always someone to run
-    if not scheduled and not self.is_finished():
+    if not scheduled and not self.is_finished() and not any(s.num_pending for s in self.running):
         raise RuntimeError("Scheduler: nothing schedulable although sequences are pending (a bug)")
     self.num_steps += 1
     if self.trace is not None: self._record(scheduled, is_prefill, preempted)
     return scheduled, is_prefill
+
+@patch_to(Scheduler)
+def ends_by_length(self, seq: Sequence) -> bool:
+    "Will `seq` end by length with its newest token, known or not? (max_tokens, or max_model_len.)"
+    return seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len   # both count pending ones
 
 # %% ../../nbs/06_scheduler.ipynb #c2aefa66
 @patch_to(Scheduler)
@@ -113,6 +123,27 @@ def preempt(self, seq: Sequence) -> None:
 
 # %% ../../nbs/06_scheduler.ipynb #bcfb8142
 @patch_to(Scheduler)
+def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    "Why `seq` ends at its newest known token `token_id`: 'stop' (EOS, stop token), 'length', or None."
+    if not seq.ignore_eos and token_id in self.eos_token_ids: return "stop"
+    if token_id in seq.sampling_params.stop_token_ids: return "stop"   # even with ignore_eos
+    known = len(seq) - seq.num_pending                                # tokens whose ids the host has
+    if known - seq.num_prompt_tokens >= seq.max_tokens or known >= self.max_model_len: return "length"
+    return None
+
+@patch_to(Scheduler)
+def finish(self, seq: Sequence, reason: str) -> None:
+    "End `seq` with `reason`: blocks freed, out of its queue, tokens sampled after its last one dropped."
+    seq.drop_pending()                     # overlap scheduling (chapter 08b) may have sampled one more
+    # subtle: finished first, so that a failure below leaves a finished sequence for `rollback` to release
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+    if seq.block_table: self.block_manager.deallocate(seq)
+    for queue in (self.waiting, self.running):
+        if seq in queue: queue.remove(seq)
+    self.waiting_ids.discard(seq.seq_id)   # NOTE: waiting_ids == ids in waiting, always
+    self.requests.pop(seq.seq_id, None)
+
+@patch_to(Scheduler)
 def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list | None = None) -> None:
     "Append each sampled token (and its logprobs); finish on EOS / a stop token / max_tokens / max_model_len."
     finished = []
@@ -120,14 +151,9 @@ def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list
         token_id = int(token_id)
         seq.append_token(token_id)
         if logprobs is not None and logprobs[i] is not None: seq.output_logprobs.append(logprobs[i])
-        if not seq.ignore_eos and token_id in self.eos_token_ids: seq.finish_reason = "stop"
-        elif token_id in seq.sampling_params.stop_token_ids: seq.finish_reason = "stop"   # even with ignore_eos
-        elif seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len: seq.finish_reason = "length"
-        else: continue
-        seq.status = SequenceStatus.FINISHED
-        self.block_manager.deallocate(seq)
-        self.running.remove(seq)
-        del self.requests[seq.seq_id]
+        reason = self.finish_reason(seq, token_id)
+        if reason is None: continue
+        self.finish(seq, reason)
         finished.append(seq.seq_id)
     if self.trace: self.trace[-1]["finished"] = finished
 
@@ -135,13 +161,7 @@ def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list
 @patch_to(Scheduler)
 def abort(self, seq: Sequence, reason: str = "abort") -> None:
     "Between steps: take an unfinished `seq` out of its queue and free its blocks (finish reason `reason`)."
-    if seq.is_finished: return
-    for queue in (self.waiting, self.running):
-        if seq in queue: queue.remove(seq)
-    self.waiting_ids.discard(seq.seq_id)   # NOTE: waiting_ids == ids in waiting, always
-    if seq.block_table: self.block_manager.deallocate(seq)
-    seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason   # "stop": a stop string (chapter 07b)
-    self.requests.pop(seq.seq_id, None)
+    if not seq.is_finished: self.finish(seq, reason)   # "stop": a stop string (chapter 07b)
 
 # %% ../../nbs/06_scheduler.ipynb #464db028
 @patch_to(Scheduler)

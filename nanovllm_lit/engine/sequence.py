@@ -12,7 +12,7 @@ from ..sampling_params import SamplingParams
 from ..utils.patch import patch_to
 
 # %% auto #0
-__all__ = ['SequenceStatus', 'Sequence', 'block_rows', 'show_blocks']
+__all__ = ['PENDING_TOKEN', 'SequenceStatus', 'Sequence', 'block_rows', 'show_blocks']
 
 # %% ../../nbs/04_sequence.ipynb #6e23db57
 class SequenceStatus(Enum):
@@ -47,6 +47,7 @@ class Sequence:
         self.output_logprobs: list[dict] = []   # one {token_id: logprob} per completion token, if sp.logprobs is set
         self.output_text = None                 # rank 0: its growing text, when stop strings or a stream need it (07b)
         self.needs_prefill = True       # the KV cache lacks this sequence's tokens (new, or preempted)
+        self.num_pending = 0            # trailing tokens sampled on the GPU but not read yet (overlap, chapter 08b)
 
     def __len__(self): return self.num_tokens
     def __getitem__(self, key): return self.token_ids[key]
@@ -58,7 +59,7 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]: return self.token_ids[:self.num_prompt_tokens]
     @property
-    def completion_token_ids(self) -> list[int]: return self.token_ids[self.num_prompt_tokens:]
+    def completion_token_ids(self) -> list[int]: return self.token_ids[self.num_prompt_tokens:self.num_tokens - self.num_pending]
     @property
     def num_cached_blocks(self) -> int: return self.num_cached_tokens // self.block_size
     @property
@@ -74,13 +75,38 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         "Add one sampled token. The step that sampled it has put every earlier token's KV in the cache."
         self.token_ids.append(int(token_id))
-        self.last_token = int(token_id)
-        self.num_tokens += 1
-        self.needs_prefill = False
+        self.last_token, self.num_tokens, self.needs_prefill = int(token_id), self.num_tokens + 1, False
 
     def __repr__(self):
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens} "
                 f"(prompt {self.num_prompt_tokens}), cached={self.num_cached_tokens}, blocks={self.block_table})")
+
+# %% ../../nbs/04_sequence.ipynb #6fd5840c
+PENDING_TOKEN = -1  # NOTE: stands in token_ids for a sampled token still on the GPU; never a token id
+
+@patch_to(Sequence)
+def append_pending(self) -> None:
+    "Count one more token whose id is still on the GPU (overlap scheduling): a `PENDING_TOKEN` placeholder."
+    self.token_ids.append(PENDING_TOKEN)
+    self.last_token, self.num_tokens, self.num_pending = PENDING_TOKEN, self.num_tokens + 1, self.num_pending + 1
+    # subtle: needs_prefill is left alone: the step that samples this token has been launched, not run
+
+@patch_to(Sequence)
+def fill_pending(self, pos: int, token_id: int) -> None:
+    "The id of the oldest pending token, at position `pos`, has arrived."
+    assert self.num_pending and pos == self.num_tokens - self.num_pending, f"seq {self.seq_id}: {pos} is not pending"
+    self.token_ids[pos] = int(token_id)
+    self.num_pending -= 1
+    if pos == self.num_tokens - 1: self.last_token = int(token_id)
+    self.needs_prefill = False   # the step that sampled it has run: every earlier token's KV is in the cache
+
+@patch_to(Sequence)
+def drop_pending(self) -> None:
+    "Forget every pending token: the sequence ended before them, or their step failed."
+    if not self.num_pending: return
+    del self.token_ids[-self.num_pending:]
+    self.num_tokens -= self.num_pending
+    self.num_pending, self.last_token = 0, self.token_ids[-1]
 
 # %% ../../nbs/04_sequence.ipynb #1b554079
 @patch_to(Sequence)
@@ -129,5 +155,6 @@ def _setstate(self, state):
      self.temperature, self.block_table, self.needs_prefill, payload) = state
     if self.needs_prefill: self.token_ids, self.last_token = payload, payload[-1]
     else: self.last_token = payload
+    self.num_pending = int(self.last_token == PENDING_TOKEN)   # between steps at most the last token pends
 
 Sequence.__getstate__, Sequence.__setstate__ = _getstate, _setstate
