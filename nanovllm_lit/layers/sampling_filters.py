@@ -78,11 +78,14 @@ class SamplingBatch(NamedTuple):
 
     @property
     def plain(self) -> bool:
-        "No filter and no seed: chapter 14's compiled `sample` does the whole batch."
+        "No filter and no seed: one pass does the whole batch (chapter 14b's kernel on a GPU, 14's `sample` on a CPU)."
         return self.top_k is None and not self.generators
 
 def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    "One token per row: chapter 14's fast path when the batch is plain, else the filtered/seeded path. (B,) int64."
+    "One token per row: the one-pass race when the batch is plain, else the filtered/seeded path. (B,) int64."
+    if batch.plain and logits.is_cuda:
+        from nanovllm_lit.layers.sampler_triton import sample_gumbel   # chapter 14b; triton only where needed
+        return sample_gumbel(logits, batch.temperatures)
     if batch.plain: return sample(logits, batch.temperatures)
     return sample_filtered(logits, batch.temperatures, batch.top_k, batch.top_p, batch.min_p, batch.generators)
 

@@ -19,9 +19,10 @@ def _rebuild_lang_for_interpreter():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
     if isinstance(tl.standard.cdiv, InterpretedFunction): return          # the usual case: nothing to do
-    std = importlib.reload(tl.standard)  # re-decorates them, now with the interpreter on
-    for name, obj in vars(std).items():
-        if isinstance(obj, (InterpretedFunction, JITFunction)) and hasattr(tl, name): setattr(tl, name, obj)
+    for module in (tl.standard, tl.random):   # tl.sum, tl.cdiv, ...; tl.rand and its Philox rounds (chapter 14b)
+        module = importlib.reload(module)     # re-decorates them, now with the interpreter on
+        for name, obj in vars(module).items():
+            if isinstance(obj, (InterpretedFunction, JITFunction)) and hasattr(tl, name): setattr(tl, name, obj)
 
 # subtle: if something imported triton before the variable was set (HF transformers can, during a forward pass),
 # tl's helpers were built for the compiler and the interpreter cannot call them; rebuild them.
