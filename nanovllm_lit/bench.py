@@ -284,10 +284,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
                                                   shared_prefix=a.shared_prefix)
             results.append(run_workload(llm, prompts, params, not a.no_prefix_cache, card, load_format))
             print(format_result(results[-1]), flush=True)
-        if a.profile:
-            for s, r in zip(shapes, results):
-                b, i = (r["num_seqs"], 512 if s.upper() == "W" else parse_shape(s)[1])
-                results[shapes.index(s)]["profile"] = p = profile_decode(llm, b, min(i, llm.config.max_model_len // 2))
+        if a.profile:                                             # W is profiled as 256 x 512
+            for b, i in dict.fromkeys((r["num_seqs"], 512 if s.upper() == "W" else parse_shape(s)[1])
+                                      for s, r in zip(shapes, results)):
+                p = profile_decode(llm, b, min(i, llm.config.max_model_len // 2))
+                results[-1].setdefault("profiles", []).append(p)
                 print(format_profile(p), flush=True)
     finally: llm.exit()
     return results[0] if len(results) == 1 else results
