@@ -191,11 +191,13 @@ def kernel_group(name: str) -> str:
     return next((g for g, keys in KERNEL_GROUPS.items() if any(k.lower() in low for k in keys)), "other")
 
 # %% ../nbs/17a_bench.ipynb #d92368dd
-def profile_decode(llm, num_seqs: int = 256, prompt_len: int = 512, steps: int = 20) -> dict:
+def profile_decode(llm, num_seqs: int = 256, prompt_len: int = 512, steps: int = 20,
+                   sampling: dict | None = None) -> dict:
     "Where a decode step goes: host ms per phase, GPU ms and kernels per step by group, wall ms per step."
+    # sampling: SamplingParams fields for the requests (default greedy)
     from nanovllm_lit.engine.overlap import SampledTokens
     rng, cuda = random.Random(1), llm.config.device == "cuda"
-    sp = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
+    sp = SamplingParams(**{"temperature": 0, **(sampling or {}), "max_tokens": 2 * steps + 8, "ignore_eos": True})
     vocab = min(10000, llm.config.hf_config.vocab_size)
     for _ in range(num_seqs): llm.add_request([rng.randrange(vocab) for _ in range(prompt_len)], sp)
     while llm.scheduler.waiting: llm.step()                       # the prefills

@@ -311,6 +311,25 @@ def test_prepare_sample_builds_only_what_is_used():
     filt = Sequence([4], SamplingParams(top_k=3, logprobs=2))
     b = prepare_sample([filt] + plain)
     assert b.top_k.tolist() == [3, -1, -1] and b.logprobs == (2, None, None) and b.generators == ()
+    assert b.max_top_k == 3 and prepare_sample(plain).max_top_k is None   # chapter 14c's kernel needs no GPU sync
+    b = prepare_sample([Sequence([5], SamplingParams(top_p=0.5))] + plain)
+    assert b.max_top_k == -1 and b.top_k.tolist() == [-1, -1, -1]
+
+
+def test_kth_logits_is_top_ks_threshold():
+    from nanovllm_lit.layers.filters_triton import kth_logits
+    torch.manual_seed(0)
+    L = torch.randn(6, 30)
+    L[2, :4] = 5.0                                                  # a tie at the top
+    top_k = torch.tensor([1, 5, 3, -1, 0, 99])
+    kth = kth_logits(L, top_k, max_top_k=99)
+    srt = L.sort(-1, descending=True).values
+    assert kth[0] == srt[0, 0] and kth[1] == srt[1, 4] and kth[2] == 5.0 and kth[5] == srt[5, -1]
+    assert torch.isinf(kth[3]) and torch.isinf(kth[4]) and (kth[3] < 0)
+    keep = L >= kth[:, None]                                          # what the kernel draws from
+    ref = filter_probs(torch.softmax(L, -1), top_k, torch.ones(6), torch.zeros(6)) > 0
+    assert torch.equal(keep, ref)
+    assert torch.isinf(kth_logits(L, top_k, max_top_k=0)).all()     # no row filters by top-k: no topk at all
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,8 @@ def prepare_sample(seqs: list[Sequence], device="cpu") -> SamplingBatch:
     generators = tuple((i, seq.generator_on(device)) for i, (seq, sp) in enumerate(zip(seqs, params))
                        if sp.seed is not None)
     logprobs = tuple(sp.logprobs for sp in params) if any(sp.logprobs is not None for sp in params) else None
-    return SamplingBatch(temperatures, *filters, generators=generators, logprobs=logprobs)
+    max_top_k = max(sp.top_k for sp in params) if filters[0] is not None else None
+    return SamplingBatch(temperatures, *filters, generators=generators, logprobs=logprobs, max_top_k=max_top_k)
 
 # %% ../../nbs/08_model_runner.ipynb #c30f7575
 def torch_dtype(dtype) -> torch.dtype:

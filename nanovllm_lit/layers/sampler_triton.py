@@ -14,7 +14,7 @@ from ..sampling_params import GREEDY_BELOW
 __all__ = ['SAMPLE_CONFIG', 'sample_gumbel']
 
 # %% ../../nbs/14b_sampler_kernel.ipynb #9613969a
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])   # a random seed must not trigger a compilation (14c)
 def _gumbel_sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, V, greedy_below, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     t = tl.load(temps_ptr + row)

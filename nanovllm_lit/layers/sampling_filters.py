@@ -75,6 +75,7 @@ class SamplingBatch(NamedTuple):
     min_p: torch.Tensor | None = None          # (B,) float32, 0 = off  }
     generators: tuple = ()                     # ((row, torch.Generator), ...) for the seeded rows
     logprobs: tuple | None = None              # per row: N or None; None when no row asked
+    max_top_k: int | None = None               # the largest top_k (<= 0: none); None = read it from `top_k`
 
     @property
     def plain(self) -> bool:
@@ -87,6 +88,10 @@ def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         from nanovllm_lit.layers.sampler_triton import sample_gumbel   # chapter 14b; triton only where needed
         return sample_gumbel(logits, batch.temperatures)
     if batch.plain: return sample(logits, batch.temperatures)
+    if logits.is_cuda and not batch.generators:
+        from nanovllm_lit.layers.filters_triton import sample_filtered_triton   # chapter 14c: no sort
+        return sample_filtered_triton(logits, batch.temperatures, batch.top_k, batch.top_p, batch.min_p,
+                                      batch.max_top_k)
     return sample_filtered(logits, batch.temperatures, batch.top_k, batch.top_p, batch.min_p, batch.generators)
 
 # %% ../../nbs/14a_filters.ipynb #f5b10cad
