@@ -91,7 +91,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1, help="2: also check TP=2 against TP=1")
     ap.add_argument("--only-tp", action="store_true", help="with --tp: only the TP=1 baseline and the TP checks")
+    ap.add_argument("--only", nargs="*", default=[], help="run only the checks whose names start with these")
     args = ap.parse_args()
+    ONLY.extend(args.only)
     if args.only_tp: ONLY.extend(["fp32 triton + CUDA graphs == HF", "TP="])
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from ..utils.patch import patch_to
 # %% auto #0
 __all__ = ['prepare_block_tables', 'slots_of', 'prepare_prefill', 'prepare_decode', 'prepare_sample', 'torch_dtype',
            'kv_cache_block_bytes', 'gpu_kv_budget', 'RunnerSetup', 'init_dummy_weights', 'ModelRunner',
-           'graph_batch_sizes']
+           'graph_batch_sizes', 'decode_buffers', 'pack_decode', 'staging_buffer']
 
 # %% ../../nbs/08_model_runner.ipynb #7df5ba0b
 def _tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
@@ -278,6 +278,7 @@ def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tens
     "Decode inputs of `seqs` on this runner's device; sets the `Context`."
     # NOTE: on GPU, eager decode uses the graphs' fixed table width too: the triton kernel derives its split-K
     # factor from the width, so eager and replayed decode then compute identically.
+    if self.graphs and len(seqs) <= self.graph_bs[-1]: return self.stage_decode(seqs)   # one copy (see below)
     width = -(-self.config.max_model_len // self.block_size) if self.device.type == "cuda" else None
     input_ids, positions, context = prepare_decode(seqs, self.block_size, self.device, width)
     set_context(False, **context)
@@ -299,6 +300,9 @@ def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill
         return self.model.compute_logits(self.model(input_ids, positions))
     graph_bs = next(b for b in self.graph_bs if b >= bs)
     v, w = self.graph_vars, context.block_tables.size(1)
+    if input_ids.data_ptr() == v["input_ids"].data_ptr():       # staged (below): already in the graph's buffers
+        self.graphs[graph_bs].replay()
+        return self.model.compute_logits(v["outputs"][:bs])
     v["input_ids"][:bs] = input_ids
     v["positions"][:bs] = positions
     v["slot_mapping"].fill_(-1); v["slot_mapping"][:bs] = context.slot_mapping  # padding rows store nothing
@@ -338,14 +342,8 @@ def capture_cudagraph(self):
     self.graph_bs = graph_batch_sizes(config.max_num_seqs)
     max_bs = self.graph_bs[-1]
     width = -(-config.max_model_len // self.block_size)  # NOTE: covers the longest sequence there can be
-    i32, dev = torch.int32, self.device
-    v = self.graph_vars = dict(
-        input_ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-        positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-        slot_mapping=torch.full((max_bs,), -1, dtype=i32, device=dev),
-        context_lens=torch.zeros(max_bs, dtype=i32, device=dev),
-        block_tables=torch.full((max_bs, width), -1, dtype=i32, device=dev),
-        outputs=torch.zeros(max_bs, config.hf_config.hidden_size, dtype=self.dtype, device=dev))
+    self.setup_decode_buffers(max_bs, width)                      # see "One copy per step" below
+    v = self.graph_vars
     for bs in reversed(self.graph_bs):  # largest first: the shared pool then fits every smaller graph
         graph = torch.cuda.CUDAGraph()
         set_context(False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
@@ -357,6 +355,64 @@ def capture_cudagraph(self):
         self.graphs[bs] = graph
         torch.cuda.synchronize()
         reset_context()
+
+# %% ../../nbs/08_model_runner.ipynb #a4c2d28f
+_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens")
+
+def decode_buffers(max_bs: int, width: int, device, pin_memory: bool = False) -> tuple[torch.Tensor, dict]:
+    "One int32 buffer for every decode input of `max_bs` rows, and its views by name (block_tables: (max_bs, width))."
+    packed = torch.empty(max_bs * (len(_DECODE_FIELDS) + width), dtype=torch.int32, device=device, pin_memory=pin_memory)
+    views = {name: packed[i * max_bs:(i + 1) * max_bs] for i, name in enumerate(_DECODE_FIELDS)}
+    views["block_tables"] = packed[len(_DECODE_FIELDS) * max_bs:].view(max_bs, width)
+    return packed, views
+
+def pack_decode(seqs: list[Sequence], block_size: int, views: dict) -> None:
+    "Write the decode inputs of `seqs` into `views` (of a CPU buffer); the rows past them read and write nothing."
+    n, width = len(seqs), views["block_tables"].size(1)
+    ids, pos, slots, tables = [], [], [], []
+    for seq in seqs:
+        p = len(seq) - 1
+        ids.append(seq.last_token); pos.append(p)
+        slots.append(seq.block_table[p // block_size] * block_size + p % block_size)
+        tables.append(seq.block_table + [-1] * (width - len(seq.block_table)))
+    host = {name: view.numpy() for name, view in views.items()}  # NOTE: numpy from lists: ~3x faster than torch's
+    for name, values, pad in (("input_ids", ids, 0), ("positions", pos, 0), ("slot_mapping", slots, -1),
+                              ("context_lens", [p + 1 for p in pos], 0), ("block_tables", tables, -1)):
+        if n: host[name][:n] = values
+        host[name][n:] = pad                                      # padding rows: store nothing, read nothing
+
+# %% ../../nbs/08_model_runner.ipynb #5c6caa9c
+def staging_buffer(max_bs: int, width: int, cuda: bool = True) -> tuple[torch.Tensor, dict, object]:
+    "A host twin of the graphs' input buffer (pinned on CUDA): (buffer, its views, the event of its last copy)."
+    packed, views = decode_buffers(max_bs, width, "cpu", pin_memory=cuda)
+    return packed, views, torch.cuda.Event() if cuda else None
+
+@patch_to(ModelRunner)
+@torch.inference_mode()
+def setup_decode_buffers(self, max_bs: int, width: int) -> None:
+    "The graphs' input buffers (`graph_vars`, every row padding) and two host twins, used in turn."
+    self._staging = [staging_buffer(max_bs, width, self.device.type == "cuda") for _ in range(2)]
+    packed, inputs = decode_buffers(max_bs, width, self.device)
+    host, views, _ = self._staging[0]
+    pack_decode([], self.block_size, views)                       # every row: read and write nothing
+    packed.copy_(host)
+    self.graph_vars = dict(packed=packed, **inputs, outputs=torch.zeros(
+        max_bs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device))
+
+@patch_to(ModelRunner)
+@torch.inference_mode()   # NOTE: the buffers were made in inference mode; writing them needs it too
+def stage_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Decode inputs for a graph replay: packed on the host, one copy into the graphs' buffers; sets the `Context`."
+    self._staging.append(self._staging.pop(0))                  # the twin used two steps ago
+    host, views, copied = self._staging[-1]
+    if copied is not None: copied.synchronize()                   # its last copy has run: safe to overwrite
+    pack_decode(seqs, self.block_size, views)
+    v, n = self.graph_vars, len(seqs)
+    v["packed"].copy_(host, non_blocking=True)                    # the step's only host->device copy
+    if copied is not None: copied.record()
+    set_context(False, slot_mapping=v["slot_mapping"][:n], context_lens=v["context_lens"][:n],
+                block_tables=v["block_tables"][:n])
+    return v["input_ids"][:n], v["positions"][:n]
 
 # %% ../../nbs/08_model_runner.ipynb #fb83f723
 from .tp_worker import WorkerError, TPPeer, spawn_workers, tp_worker_main, pick_free_port

@@ -38,13 +38,14 @@ class SampledTokens:
 
 # %% ../../nbs/08b_overlap.ipynb #4801c453
 @patch_to(ModelRunner)
+@torch.inference_mode()   # the rows may be the graphs' own input buffers (chapter 08), made in inference mode
 def feed_pending(self, seqs: list[Sequence], input_ids: torch.Tensor) -> None:
     "Rows whose last token is still on the device take it from the previous step's sampled ids (no host sync)."
     rows = [i for i, seq in enumerate(seqs) if seq.last_token == PENDING_TOKEN]
     if not rows: return
     src = [self.prev_rows[seqs[i].seq_id] for i in rows]   # NOTE: always the step just before (rule 1)
     dev = input_ids.device
-    input_ids[_tensor(rows, torch.int64, dev)] = self.prev_tokens[_tensor(src, torch.int64, dev)]
+    input_ids[_tensor(rows, torch.int64, dev)] = self.prev_tokens[_tensor(src, torch.int64, dev)].to(input_ids.dtype)
 
 @patch_to(ModelRunner)
 def run_async(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens | None:
