@@ -155,18 +155,20 @@ def _greedy_tokens(logits: torch.Tensor) -> list[int]:
     "The token a decode step would take at temperature 0, per row (chapter 14's sampler, same code path)."
     return sample_batch(logits, SamplingBatch(torch.zeros(len(logits), device=logits.device))).tolist()
 
-# %% ../../nbs/08c_speculative.ipynb #9a02e1e0
+# %% ../../nbs/08c_speculative.ipynb #1269f572
 def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]], draft_probs: list | None = None,
            accept=None) -> tuple[list[list[int]], list[int]]:
     "Rows [last, d1..dk] per sequence -> (tokens to append: kept drafts + one from the target, drafts kept)."
     counts = [len(d) + 1 for d in drafts]
     starts = np.cumsum([0] + counts).tolist()
-    batch, dev = _row_batch(seqs, counts, logits.device), logits.device
-    probs = target_probs(logits, batch)
-    bad = ~probs.isfinite().all(-1)
     rows_of = lambda i: range(starts[i], starts[i + 1])
-    finite = (~bad).tolist()
-    greedy = [s.temperature < GREEDY_BELOW or not all(finite[r] for r in rows_of(i)) for i, s in enumerate(seqs)]
+    greedy = [s.temperature < GREEDY_BELOW for s in seqs]
+    probs, dev = None, logits.device
+    if not all(greedy):                                  # the target's distributions, for the sampled sequences' rows
+        batch = _row_batch(seqs, counts, dev)
+        probs = target_probs(logits, batch)
+        finite = probs.isfinite().all(-1).tolist()
+        greedy = [g or not all(finite[r] for r in rows_of(i)) for i, g in enumerate(greedy)]   # as chapter 14
     out, kept = [None] * len(seqs), [0] * len(seqs)
     g_rows = [r for i in range(len(seqs)) if greedy[i] for r in rows_of(i)]
     if g_rows:
@@ -174,12 +176,12 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]], 
         for i in (i for i in range(len(seqs)) if greedy[i]):
             tgt = [target[r] for r in rows_of(i)]
             m = next((j for j, d in enumerate(drafts[i]) if d != tgt[j]), len(drafts[i]))
-            out[i], kept[i] = tgt[:m + 1], m
+            out[i], kept[i] = tgt[:m + 1], m                 # the kept drafts are the target's tokens, then its own
     sampled = [i for i in range(len(seqs)) if not greedy[i]]
     if sampled: _verify_sampled(probs, seqs, drafts, draft_probs, starts, sampled, out, kept, accept)
     return out, kept
 
-# %% ../../nbs/08c_speculative.ipynb #07523d2b
+# %% ../../nbs/08c_speculative.ipynb #77b44b94
 def _verify_sampled(probs, seqs, drafts, draft_probs, starts, idx, out, kept, accept) -> None:
     "Rejection sampling for the sequences `idx` (sampled ones): fills `out[i]` and `kept[i]`."
     dev, V = probs.device, probs.size(-1)
@@ -200,7 +202,7 @@ def _verify_sampled(probs, seqs, drafts, draft_probs, starts, idx, out, kept, ac
     num = _tensor([len(drafts[i]) for i in idx], torch.int64, dev)
     m, dist = rejection_sample(p, q, d, u, num, accept)
     extra = (dist / race_noise(dist, gens)).argmax(-1)                  # chapter 14's race on the final distribution
-    for b, (i, m_b, x) in enumerate(zip(idx, m.tolist(), extra.tolist())):
+    for i, m_b, x in zip(idx, m.tolist(), extra.tolist()):
         out[i], kept[i] = drafts[i][:m_b] + [x], m_b
 
 # %% ../../nbs/08c_speculative.ipynb #b002ffe4
@@ -257,7 +259,7 @@ class DraftModel:
         finally: reset_context()
         for seq in seqs: seq.num_draft_cached = len(seq)
 
-# %% ../../nbs/08c_speculative.ipynb #5f79f030
+# %% ../../nbs/08c_speculative.ipynb #5a369582
 @patch_to(DraftModel)
 def propose(self, seqs: list[Sequence], budgets: list[int]) -> tuple[list[list[int]], list]:
     "`budgets[i]` draft tokens for each sequence, sampled as it would be -> (drafts, their distributions q or None)."
@@ -282,13 +284,13 @@ def propose(self, seqs: list[Sequence], budgets: list[int]) -> tuple[list[list[i
 
 def _sample_drafts(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
     "One draft per row, drawn from q (the draft's distribution after the request's temperature and filters)."
+    if all(s.temperature < GREEDY_BELOW for s in seqs): return logits.argmax(-1).tolist(), None
     batch = _row_batch(seqs, [1] * len(seqs), logits.device)
     q = target_probs(logits, batch)
     gens = tuple((j, g) for j, s in enumerate(seqs) if (g := s.generator_on(logits.device)) is not None)
     sampled = (q / race_noise(q, gens)).argmax(-1)
     greedy = (batch.temperatures < GREEDY_BELOW) | ~q.isfinite().all(-1)
-    tokens = torch.where(greedy, logits.argmax(-1), sampled)
-    return tokens.tolist(), (None if bool(greedy.all()) else q)
+    return torch.where(greedy, logits.argmax(-1), sampled).tolist(), q
 
 # %% ../../nbs/08c_speculative.ipynb #cfc5fb96
 def truncated_draft(src: str, dst: str, num_layers: int) -> str:
@@ -308,13 +310,13 @@ def truncated_draft(src: str, dst: str, num_layers: int) -> str:
             if os.path.isfile(os.path.join(src, name)): shutil.copy(os.path.join(src, name), dst)
     return dst
 
-# %% ../../nbs/08c_speculative.ipynb #b0017882
+# %% ../../nbs/08c_speculative.ipynb #2a0cd68e
 class SpeculativeRunner(ModelRunner):
     "A `ModelRunner` that also proposes draft tokens (n-gram lookup or a draft model) and verifies them (`speculate`)."
     def __init__(self, config: Config, rank: int = 0, event=None, setup: RunnerSetup | None = None, peers: list = ()):
         self.spec, self.drafter = config.speculative_config, None    # subtle: set before the warm-up calls `run`
         k = self.spec.num_speculative_tokens
-        self.stats = {"proposed": 0, "accepted": 0, "steps": 0, "proposed_at": [0] * k, "accepted_at": [0] * k}
+        self.stats = {"proposed": 0, "accepted": 0, "steps": 0, "rows": 0, "proposed_at": [0] * k, "accepted_at": [0] * k}
         super().__init__(config, rank, event, setup, peers)
         if self.spec.method == "draft_model":
             try: self.drafter = DraftModel(config, self.setup.load_format)
@@ -348,7 +350,7 @@ class SpeculativeRunner(ModelRunner):
         if self.drafter is not None: self.drafter.runner.exit()
         super().exit()
 
-# %% ../../nbs/08c_speculative.ipynb #9af516e4
+# %% ../../nbs/08c_speculative.ipynb #82366355
 @patch_to(SpeculativeRunner)
 def propose(self, seqs: list[Sequence], budgets: list[int]) -> tuple[list[list[int]], list | None]:
     "Up to `budgets[i]` draft tokens per sequence, and their distributions (None for n-gram: a point mass)."
@@ -373,7 +375,7 @@ def speculate(self, seqs: list[Sequence], budgets: list[int]) -> tuple[list[list
         for j in range(len(d)):
             self.stats["proposed_at"][j] += 1
             self.stats["accepted_at"][j] += j < m
-    self.stats["steps"] += 1
+    self.stats["steps"] += 1; self.stats["rows"] += len(seqs)
     return tokens, logprobs
 
 @patch_to(SpeculativeRunner)
@@ -407,7 +409,7 @@ def accept(self, seq: Sequence, token_ids: list[int], logprobs: list | None = No
         if bm.blocks[seq.block_table[i]].hash is None: bm.hash_block(seq, i)   # full, and every token's KV written
     if reason is not None: self.finish(seq, reason)
 
-# %% ../../nbs/08c_speculative.ipynb #ea541438
+# %% ../../nbs/08c_speculative.ipynb #81019063
 @patch_to(LLMEngine)
 def step_speculative(self) -> tuple[list[tuple[int, list[int]]], int]:
     "`step` with speculative decode steps: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
@@ -439,9 +441,9 @@ def step_speculative(self) -> tuple[list[tuple[int, list[int]]], int]:
 
 @patch_to(LLMEngine)
 def speculative_stats(self) -> dict:
-    "Draft tokens proposed and accepted since the engine started; per draft position under `per_position`."
+    "Draft tokens proposed and accepted since the engine started (`per_position` too), verify steps, sequences verified."
     r = self.model_runner
     if not hasattr(r, "spec"): raise RuntimeError("speculative_stats(): this engine has no speculative_config")
     s = r.stats
-    return {"proposed": s["proposed"], "accepted": s["accepted"], "verify_steps": s["steps"],
+    return {"proposed": s["proposed"], "accepted": s["accepted"], "verify_steps": s["steps"], "sequence_steps": s["rows"],
             "per_position": {"proposed": list(s["proposed_at"]), "accepted": list(s["accepted_at"])}}
