@@ -2,7 +2,8 @@
 transformers; no pytest, no nbdev; the checkout on PYTHONPATH).
 
     PYTHONPATH=. python tests/gpu_spec_check.py            # about 2-3 minutes on an H200
-    PYTHONPATH=. python tests/gpu_spec_check.py --eps 0.05 --draft-layers 4 --k 4
+    PYTHONPATH=. python tests/gpu_spec_check.py --eps 0.1,0.03,0.01 --draft-layers 4 --k 4
+    PYTHONPATH=. python tests/gpu_spec_check.py --smoke      # a tiny model on the CPU: checks the script itself
 
 Target: the Qwen3-0.6B architecture (`assets/qwen3-0.6b`, config only) with random bf16 weights
 (`load_format="dummy"`), CUDA graphs on, triton attention backend, synchronous loop (speculation forces it).
@@ -19,8 +20,10 @@ lot. So the draft is a **truncated copy of the target that shares its weights** 
 decoder layers, embedding, final norm and tied LM head, copied in after loading), and the target's *later* layers
 are damped: their output projections (`o_proj`, `down_proj`) are scaled by `--eps`, applied identically to every
 engine in this script (plain ones included), so the target is "its first layers plus a small correction", the
-situation of a trained target and a good small draft. `--eps` is then a dial for the acceptance rate; the script
-reports the acceptance it measured, and the draft's relative cost c follows from its size (layers + LM head).
+situation of a trained target and a good small draft. `--eps` is then a dial for the acceptance rate: the draft
+rows are run for each value (the same damping is applied to the plain engine, whose tokens they are compared
+with); the script reports the acceptance it measured, and the draft's relative cost c follows from its size
+(its layers plus the LM head, which it shares in size with the target).
 """
 import argparse, datetime, os, shutil, sys, tempfile, time, traceback, json
 from pathlib import Path
@@ -48,14 +51,14 @@ def draft_dir(n: int) -> str:
 
 
 @torch.no_grad()
-def shape_weights(llm, n: int, eps: float) -> None:
+def shape_weights(llm, n: int, eps: float, copy_draft: bool = True) -> None:
     "Damp the target's layers >= n (o_proj, down_proj x eps); copy its first n layers, embedding, norm into the draft."
     target = llm.model_runner.model
     for layer in target.model.layers[n:]:
         layer.self_attn.o_proj.weight.mul_(eps)
         layer.mlp.down_proj.weight.mul_(eps)
     drafter = getattr(llm.model_runner, "drafter", None)
-    if drafter is None: return
+    if drafter is None or not copy_draft: return
     draft = drafter.runner.model
     src = dict(target.named_parameters())
     for name, p in draft.named_parameters():   # layers 0..n-1, embed_tokens, norm (the LM head is tied)
@@ -68,7 +71,7 @@ def engine(spec, args, n_layers):
     if args.smoke: kw = dict(device="cpu", max_model_len=256, max_num_batched_tokens=512, max_num_seqs=32)
     llm = LLMEngine(TARGET, load_format="dummy", speculative_config=spec, **kw)
     assert args.smoke or llm.model_runner.graphs, "CUDA graphs expected"
-    shape_weights(llm, n_layers, args.eps)
+    shape_weights(llm, n_layers, args.eps[0])
     return llm
 
 
@@ -90,6 +93,17 @@ def timed(llm, prompts, sp):
     return out, dt, stats
 
 
+def measure(llm, prompts, sp, reference) -> tuple:
+    "(plain tok/s, spec tok/s, speed-up, acceptance, tokens per sequence step, per position, greedy identical?)"
+    out, dt, st = timed(llm, prompts, sp)
+    ref, dt0, _ = reference
+    bad = first_mismatch(ref, out)
+    toks = sum(len(o) for o in out)
+    return (toks / dt0, toks / dt, dt0 / dt, st["accepted"] / max(1, st["proposed"]),
+            (st["accepted"] + st["sequence_steps"]) / max(1, st["sequence_steps"]),
+            " ".join(f"{r:.2f}" for r in st["per_position"]), "yes" if bad is None else "NO: " + bad)
+
+
 def first_mismatch(a, b):
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -102,10 +116,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--draft-layers", type=int, default=4)
-    ap.add_argument("--eps", type=float, default=0.05)
+    ap.add_argument("--eps", default="0.1,0.03,0.01", help="damping factors of the target's later layers (draft rows)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script itself")
     args = ap.parse_args()
+    args.eps = [float(e) for e in args.eps.split(",")]
     global TARGET
     if args.smoke:   # a config-only tiny checkpoint: the same code path, in seconds
         from nanovllm_lit.utils.testing import make_tiny_qwen3
@@ -123,30 +138,29 @@ def main():
                               "num_speculative_tokens": args.k}, "draft")}
     card = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU smoke run"
     print(f"{card} · {datetime.date.today()} · torch {torch.__version__} · {'tiny' if args.smoke else 'Qwen3-0.6B'} "
-          f"random weights · k={args.k} · draft = first {args.draft_layers} layers, the target's later layers x{args.eps}",
+          f"random weights · k={args.k} · draft = first {args.draft_layers} layers; eps = damping of the target's later layers",
           flush=True)
     t0 = time.perf_counter()
     plain = {}
     llm = engine(None, args, args.draft_layers)
-    for wl, prompts in workloads.items():
-        for bs in (1, 16): plain[wl, bs] = timed(llm, prompts[:bs], sp)
+    for e, eps in enumerate(args.eps):
+        if e: shape_weights(llm, args.draft_layers, eps / args.eps[e - 1], copy_draft=False)
+        for wl, prompts in workloads.items():
+            if wl == "repetitive" and e: continue           # n-gram runs at the first damping only
+            for bs in (1, 16): plain[wl, bs, eps] = timed(llm, prompts[:bs], sp)
     llm.exit()
     rows, failures = [], 0
     for method, (spec, wl) in specs.items():
         try:
             llm = engine(spec, args, args.draft_layers)
             blocks = llm.config.num_kvcache_blocks
-            for bs in (1, 16):
-                out, dt, st = timed(llm, workloads[wl][:bs], sp)
-                ref, dt0, _ = plain[wl, bs]
-                bad = first_mismatch(ref, out)
-                failures += bad is not None
-                toks = sum(len(o) for o in out)
-                alpha = st["accepted"] / max(1, st["proposed"])
-                rows.append((method, wl, bs, toks / dt0, toks / dt, dt0 / dt, alpha,
-                             (st["accepted"] + st["sequence_steps"]) / max(1, st["sequence_steps"]),
-                             " ".join(f"{r:.2f}" for r in st["per_position"]), "yes" if bad is None else "NO: " + bad))
-                print(f"  {method} batch {bs}: done ({blocks} KV blocks)", flush=True)
+            for e, eps in enumerate(args.eps if method == "draft_model" else args.eps[:1]):
+                if e: shape_weights(llm, args.draft_layers, eps / args.eps[e - 1], copy_draft=False)
+                for bs in (1, 16):
+                    row = measure(llm, workloads[wl][:bs], sp, plain[wl, bs, eps])
+                    failures += row[-1] != "yes"
+                    rows.append((method, f"{wl} (eps {eps:g})", bs) + row)
+                    print(f"  {method} eps {eps:g} batch {bs}: done ({blocks} KV blocks)", flush=True)
             llm.exit()
         except Exception as e:
             failures += 1
