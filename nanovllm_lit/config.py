@@ -108,6 +108,7 @@ class Config:
     num_kvcache_blocks: int | None = None   # None → sized by the ModelRunner
     cpu_kvcache_bytes: int = 256 * 2**20    # KV budget on cpu
     overlap_scheduling: bool | None = None  # None → True on cuda, False on cpu (chapter 08b)
+    speculative_config: dict | None = None  # chapter 08c: {'method': 'ngram' | 'draft_model', ...}
     hf_config: object = None                # set in __post_init__
     eos_token_ids: frozenset = field(default_factory=frozenset)  # filled in __post_init__ when empty
 
@@ -115,10 +116,19 @@ class Config:
         # in dependency order: the length limit needs the checkpoint, TP and the block size need the device
         self._check_checkpoint()
         self._check_budgets()
+        self._check_speculative()          # chapter 08c; before the overlap default is resolved
         self._resolve_device()
         self._check_tensor_parallel()
         self._check_kv_cache()
         self.eos_token_ids = frozenset(self.eos_token_ids) or read_eos_token_ids(self.model, self.hf_config)
+
+# %% ../nbs/03_config.ipynb #499ddb63
+@patch_to(Config)
+def _check_speculative(self):
+    "Parse `speculative_config` into chapter 08c's `SpeculativeConfig` (its errors name the bad key)."
+    if self.speculative_config is None: return
+    from nanovllm_lit.engine.speculative import SpeculativeConfig   # subtle: here, not at the top (it imports the engine)
+    self.speculative_config = SpeculativeConfig.parse(self.speculative_config, self)
 
 # %% ../nbs/03_config.ipynb #5c96f200
 @patch_to(Config)

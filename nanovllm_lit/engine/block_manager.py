@@ -193,9 +193,14 @@ def deallocate(self, seq: Sequence) -> None:
 
 # %% ../../nbs/05_block_manager.ipynb #69b67fbe
 @patch_to(BlockManager)
-def can_append(self, seq: Sequence) -> bool:
-    "Can the free list supply the block (if any) that `seq`'s next decode step needs?"
-    return len(self.free_block_ids) >= seq.num_blocks - len(seq.block_table)
+def _blocks_for(self, num_tokens: int) -> int:
+    "How many blocks `num_tokens` tokens fill."
+    return -(-num_tokens // self.block_size)
+
+@patch_to(BlockManager)
+def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+    "Can the free list supply the block (if any) that `seq`'s next decode step needs (and `lookahead` more slots)?"
+    return len(self.free_block_ids) >= self._blocks_for(len(seq) + lookahead) - len(seq.block_table)
 
 @patch_to(BlockManager)
 def hash_block(self, seq: Sequence, i: int) -> None:
@@ -208,15 +213,16 @@ def hash_block(self, seq: Sequence, i: int) -> None:
     self.hash_to_block_id[block.hash] = block.block_id
 
 @patch_to(BlockManager)
-def may_append(self, seq: Sequence) -> None:
+def may_append(self, seq: Sequence, lookahead: int = 0) -> None:
     "Before a decode step: a block for the last token's slot; hash the last block if this step fills it."
     table = seq.block_table
     assert table and seq.num_blocks - len(table) in (0, 1), f"seq {seq.seq_id}: table out of step"
-    if len(table) < seq.num_blocks:          # the last token starts a new block
+    # NOTE: `lookahead` slots past the last token: draft tokens a speculative step verifies (chapter 08c)
+    while len(table) < self._blocks_for(len(seq) + lookahead):   # the last token starts a new block
         table.append(self._allocate_block().block_id)
     # the step writes the last slot: the block becomes full. NOTE: if that token is still on the GPU
     # (overlap scheduling, chapter 08b), the block is hashed when its id arrives, not now.
-    if len(seq) % self.block_size == 0 and not seq.num_pending: self.hash_block(seq, len(table) - 1)
+    if len(seq) % self.block_size == 0 and not seq.num_pending: self.hash_block(seq, seq.num_blocks - 1)
 
 # %% ../../nbs/05_block_manager.ipynb #e727223b
 @patch_to(BlockManager)

@@ -50,7 +50,10 @@ class LLMEngine:
                                "default process group per process); exit it first, or use another process")
         setup = RunnerSetup.for_engine(config, load_format)
         peers = spawn_workers(config, setup) if config.tensor_parallel_size > 1 else []
-        self.model_runner = ModelRunner(config, 0, setup=setup, peers=peers)  # stops the workers if it fails
+        runner_class = ModelRunner
+        if config.speculative_config is not None:   # chapter 08c: a runner that also proposes and verifies drafts
+            from nanovllm_lit.engine.speculative import SpeculativeRunner as runner_class
+        self.model_runner = runner_class(config, 0, setup=setup, peers=peers)  # stops the workers if it fails
         # NOTE: the finalizer holds the runner, not the engine, so the engine can still be garbage-collected.
         self._finalizer = weakref.finalize(self, self.model_runner.exit)
         self.config = config
@@ -157,6 +160,7 @@ def _result(self, seq: Sequence) -> dict:
 @patch_to(LLMEngine)
 def step(self) -> tuple[list[tuple[int, list[int]]], int]:
     "Run one scheduled batch: -> ([(seq_id, completion token ids) of finished requests], num_tokens)."
+    if self.config.speculative_config is not None: return self.step_speculative()   # chapter 08c
     if self.config.overlap_scheduling: return self.step_overlap()   # chapter 08b: the same loop, one step ahead
     with _in_use(self, "step()"):
         done, self._unreturned, seqs = self._unreturned, [], []   # what a failed step could not return comes first
@@ -260,3 +264,4 @@ def generate(self, prompts: list[str] | list[list[int]],
 # %% ../../nbs/07_llm_engine.ipynb #4beb0f1a
 from . import streaming as _streaming  # noqa: E402,F401  (adds LLMEngine.generate_stream)
 from . import overlap as _overlap      # noqa: E402,F401  (adds LLMEngine.step_overlap)
+from . import speculative as _spec     # noqa: E402,F401  (adds step_speculative, speculative_stats)

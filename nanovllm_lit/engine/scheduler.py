@@ -29,6 +29,8 @@ class Scheduler:
         self.requests: dict[int, Sequence] = {}  # NOTE: added, not finished; between steps = the two queues
         self.trace: list | None = None      # a list → schedule() appends one record per step
         self.num_steps = 0
+        spec = getattr(config, "speculative_config", None)   # chapter 08c: draft tokens verified per step
+        self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
 
     def is_finished(self) -> bool:
         "True when no sequence is waiting or running."
@@ -90,13 +92,14 @@ def schedule(self) -> tuple[list[Sequence], bool]:
             if seq.num_pending and self.ends_by_length(seq):   # NOTE: overlap (chapter 08b): its last token
                 kept.append(seq)                               # is sampled already; feeding it would be waste
                 continue
-            while not bm.can_append(seq):
+            lookahead = self.lookahead(seq)               # chapter 08c: slots for draft tokens, 0 without
+            while not bm.can_append(seq, lookahead):
                 victim = self.running.pop() if self.running else seq
                 self.preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq: break
             else:
-                bm.may_append(seq)
+                bm.may_append(seq, lookahead)
                 scheduled.append(seq)
                 kept.append(seq)
         self.running.extendleft(reversed(kept))   # keep arrival order
@@ -111,6 +114,12 @@ def schedule(self) -> tuple[list[Sequence], bool]:
 def ends_by_length(self, seq: Sequence) -> bool:
     "Will `seq` end by length with its newest token, known or not? (max_tokens, or max_model_len.)"
     return seq.num_completion_tokens >= seq.max_tokens or len(seq) >= self.max_model_len   # both count pending ones
+
+@patch_to(Scheduler)
+def lookahead(self, seq: Sequence) -> int:
+    "Draft tokens `seq` may verify next step (chapter 08c): `num_speculative_tokens`, fewer near max_tokens / max_model_len."
+    room = min(seq.max_tokens - seq.num_completion_tokens, self.max_model_len - len(seq)) - 1   # the step adds 1 more
+    return max(0, min(self.num_speculative_tokens, room))
 
 # %% ../../nbs/06_scheduler.ipynb #c2aefa66
 @patch_to(Scheduler)

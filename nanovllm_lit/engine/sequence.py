@@ -48,6 +48,7 @@ class Sequence:
         self.output_text = None                 # rank 0: its growing text, when stop strings or a stream need it (07b)
         self.needs_prefill = True       # the KV cache lacks this sequence's tokens (new, or preempted)
         self.num_pending = 0            # trailing tokens sampled on the GPU but not read yet (overlap, chapter 08b)
+        self.num_draft_cached = 0       # leading tokens whose KV a draft model holds (speculative decoding, chapter 08c)
 
     def __len__(self): return self.num_tokens
     def __getitem__(self, key): return self.token_ids[key]
