@@ -67,7 +67,7 @@ def shape_weights(llm, n: int, eps: float, copy_draft: bool = True) -> None:
 
 def engine(spec, args, n_layers):
     kw = dict(max_model_len=1024, max_num_batched_tokens=4096, max_num_seqs=128, gpu_memory_utilization=0.6,
-              attention_backend="triton", dtype="bfloat16", kvcache_block_size=256)
+              attention_backend="triton", dtype=args.dtype, kvcache_block_size=256)
     if args.smoke: kw = dict(device="cpu", max_model_len=256, max_num_batched_tokens=512, max_num_seqs=32)
     llm = LLMEngine(TARGET, load_format="dummy", speculative_config=spec, **kw)
     assert args.smoke or llm.model_runner.graphs, "CUDA graphs expected"
@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--eps", default="0.1,0.03,0.01", help="damping factors of the target's later layers (draft rows)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script itself")
+    ap.add_argument("--dtype", default="bfloat16", help="float32: tells GEMM rounding (bf16) apart from a real mismatch")
     args = ap.parse_args()
     args.eps = [float(e) for e in args.eps.split(",")]
     global TARGET
@@ -137,7 +138,7 @@ def main():
              "draft_model": ({"method": "draft_model", "model": draft_dir(args.draft_layers),
                               "num_speculative_tokens": args.k}, "draft")}
     card = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "CPU smoke run"
-    print(f"{card} · {datetime.date.today()} · torch {torch.__version__} · {'tiny' if args.smoke else 'Qwen3-0.6B'} "
+    print(f"{card} · {datetime.date.today()} · torch {torch.__version__} · {'tiny' if args.smoke else 'Qwen3-0.6B'} {args.dtype} "
           f"random weights · k={args.k} · draft = first {args.draft_layers} layers; eps = damping of the target's later layers",
           flush=True)
     t0 = time.perf_counter()
