@@ -6,6 +6,7 @@ preemption (hypothesis), with the pool's invariants and the KV footprint bound c
 failure injected into any phase of an overlapped step; aborts while a step is in flight; and two
 tensor-parallel ranks (gloo), where rank 0 broadcasts the sampled ids the next step embeds."""
 import pytest
+from engine_checks import footprint_ok
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -26,16 +27,6 @@ MENU = [_S[:40], _S[:32] + [7], _S[:16] + [8, 9, 10], [9, 10, 11], [(7 * j) % 25
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_tiny_qwen3(tmp_path_factory.mktemp("tiny") / "ckpt")
-
-
-def footprint_ok(llm):
-    "No sequence holds more blocks than `Scheduler.check` reserved for it (rule 3 of chapter 08b)."
-    sched = llm.scheduler
-    bs = sched.block_manager.block_size
-    for s in sched.requests.values():
-        n, m = s.num_prompt_tokens, s.max_tokens
-        kv_tokens = max(n, min(n + m - 1, sched.max_model_len - 1))
-        assert len(s.block_table) <= -(-kv_tokens // bs), (s, kv_tokens)
 
 
 def drive(llm, prompts, params, check=True):

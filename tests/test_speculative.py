@@ -6,6 +6,7 @@ bound checked after every step and nothing leaked at the end; a failure injected
 recovers with the clean tokens; aborts between steps; seeded requests reproduce alone and in a batch; logprobs
 equal plain decoding's; bad configs and bad requests get clear errors while the engine keeps serving."""
 import pytest
+from engine_checks import footprint_ok
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -34,16 +35,6 @@ def ckpts(tmp_path_factory):
 def specs(ckpts, k=3):
     return {"ngram": {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "prompt_lookup_min": 1},
             "draft": {"method": "draft_model", "model": ckpts[1], "num_speculative_tokens": k}}
-
-
-def footprint_ok(llm):
-    "No sequence holds more blocks than `Scheduler.check` reserved for it."
-    sched = llm.scheduler
-    bs = sched.block_manager.block_size
-    for s in sched.requests.values():
-        n, m = s.num_prompt_tokens, s.max_tokens
-        kv_tokens = max(n, min(n + m - 1, sched.max_model_len - 1))
-        assert len(s.block_table) <= -(-kv_tokens // bs), (s, kv_tokens)
 
 
 def drive(llm, prompts, params):
