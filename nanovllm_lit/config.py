@@ -72,6 +72,10 @@ def _flash_attn_importable() -> bool:
         return True
     except Exception: return False
 
+def _triton_interprets() -> bool:
+    "Whether Triton kernels can take CPU tensors here: its interpreter is on (chapter 10a turns it on without a GPU)."
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available()
+
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     "`value` as an int in [lo, hi], else ValueError naming `Config.<name>`."
     if isinstance(value, bool) or not isinstance(value, Integral) or value < lo or (hi is not None and value > hi):
@@ -183,6 +187,9 @@ def _resolve_device(self):
         raise ValueError(f"Config.attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
     if self.attention_backend == "flash-attn" and self.device != "cuda":
         raise ValueError("Config.attention_backend 'flash-attn' needs device='cuda'")
+    if self.attention_backend == "triton" and self.device == "cpu" and not _triton_interprets():
+        raise ValueError("Config.attention_backend 'triton' with device='cpu' needs Triton's interpreter, which is "
+                         "on by itself only without a GPU: set TRITON_INTERPRET=1 before importing, or use device='cuda'")
     if self.overlap_scheduling is None: self.overlap_scheduling = self.device == "cuda"
     if not isinstance(self.overlap_scheduling, bool):
         raise ValueError(f"Config.overlap_scheduling must be True, False or None, got {self.overlap_scheduling!r}")

@@ -177,3 +177,16 @@ def test_config_cuda_defaults(model_dir):
     if n < 8:
         with pytest.raises(ValueError, match="tensor_parallel_size"):
             Config(model_dir, tensor_parallel_size=n + 1)
+
+
+def test_config_triton_on_cpu_needs_the_interpreter(model_dir, monkeypatch):
+    "On a machine with a GPU, Triton cannot take CPU tensors unless its interpreter is on: a clear error, not a crash."
+    if not torch.cuda.is_available():                                    # here the interpreter is on by itself
+        assert Config(model_dir, device="cpu", attention_backend="triton").attention_backend == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # as on a GPU machine
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs Triton's interpreter"):
+        Config(model_dir, device="cpu", attention_backend="triton")
+    assert Config(model_dir, device="cpu").attention_backend == "torch"     # the default on the CPU still works
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert Config(model_dir, device="cpu", attention_backend="triton").attention_backend == "triton"
