@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 import torch.distributed as dist
-from .linear import get_tp_rank, get_tp_size, tp_collectives_enabled, _copy_checked
+from .linear import get_tp_rank, get_tp_size, tp_collectives_enabled, _copy_checked, linear
 from ..utils.context import get_context
 
 # %% auto #0
@@ -67,7 +67,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if context.is_prefill:
             last_indices = context.cu_seqlens_q[1:] - 1  # (num_seqs,) last new token of each sequence
             x = x[last_indices].contiguous()
-        logits = F.linear(x, self.weight, self.bias)  # (num_seqs, V / tp)
+        logits = linear(x, self.weight, self.bias)  # (num_seqs, V / tp); chapter 09's dispatch
         if self.tp_size > 1 and self.collectives:
             all_logits = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
             dist.gather(logits, all_logits, 0)

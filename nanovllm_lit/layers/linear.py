@@ -11,8 +11,9 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide', 'LinearBase', 'ReplicatedLinear',
-           'ColumnParallelLinear', 'MergedColumnParallelLinear', 'QKVParallelLinear', 'RowParallelLinear']
+__all__ = ['GEMV_MAX_M', 'get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide', 'LinearBase',
+           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'ReplicatedLinear', 'ColumnParallelLinear',
+           'MergedColumnParallelLinear', 'QKVParallelLinear', 'RowParallelLinear']
 
 # %% ../../nbs/09_linear.ipynb #141f3969
 _FAKE_TP: tuple[int, int] | None = None  # (rank, size) while inside `fake_tp`, else None
@@ -80,6 +81,40 @@ class LinearBase(nn.Module):
         return (f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, "
                 f"tp_rank={self.tp_rank}, tp_size={self.tp_size}" + ("" if self.collectives else ", collectives=off"))
 
+# %% ../../nbs/09_linear.ipynb #e58f6bc4
+import os
+GEMV_MAX_M = 16        # rows up to which `linear` uses chapter 09a's GEMV; more rows: F.linear (cuBLAS's GEMM)
+_GEMV_FORCED = False   # set by force_gemv()
+
+def gemv_enabled() -> bool:
+    "The switch, read at each call: NANOVLLM_LIT_GEMV=0 turns the Triton GEMV off; unset or anything else, on."
+    return os.environ.get("NANOVLLM_LIT_GEMV", "1") != "0"
+
+@contextmanager
+def force_gemv(on: bool = True):
+    "Inside it, `linear` takes the GEMV wherever the shapes allow, even on the CPU (Triton's interpreter) or switched off."
+    global _GEMV_FORCED
+    prev, _GEMV_FORCED = _GEMV_FORCED, on
+    try: yield
+    finally: _GEMV_FORCED = prev
+
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    "Whether `linear(x, weight, bias)` runs the GEMV: <= GEMV_MAX_M rows, one dtype, CUDA (or forced), switch on."
+    if x.dim() == 0 or weight.dim() != 2 or x.size(-1) != weight.size(1) or weight.stride(-1) != 1: return False
+    if not 1 <= x.numel() // max(x.size(-1), 1) <= GEMV_MAX_M or x.size(-1) == 0 or weight.size(0) == 0: return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype: return False
+    if bias is not None and bias.dtype != x.dtype: return False
+    if _GEMV_FORCED: return True
+    return x.is_cuda and weight.is_cuda and gemv_enabled()
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    "`F.linear(x, weight, bias)`; a few rows on a GPU go to chapter 09a's Triton GEMV. (..., in) -> (..., out)."
+    if not uses_gemv(x, weight, bias): return F.linear(x, weight, bias)
+    from nanovllm_lit.layers.gemv_triton import gemv   # subtle: imported on first use; triton only where it runs
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.stride(-1) != 1: x2 = x2.contiguous()
+    return gemv(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
+
 # %% ../../nbs/09_linear.ipynb #d8031c22
 class ReplicatedLinear(LinearBase):
     "A linear layer whose full weight lives on every rank."
@@ -90,7 +125,7 @@ class ReplicatedLinear(LinearBase):
         _copy_checked(param.data, loaded_weight, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
+        return linear(x, self.weight, self.bias)  # (..., in) -> (..., out)
 
 # %% ../../nbs/09_linear.ipynb #406a90f0
 class ColumnParallelLinear(LinearBase):
@@ -107,7 +142,7 @@ class ColumnParallelLinear(LinearBase):
         _copy_checked(param.data, shard, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out / tp_size)
+        return linear(x, self.weight, self.bias)  # (..., in) -> (..., out / tp_size)
 
 # %% ../../nbs/09_linear.ipynb #408f69e6
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -192,6 +227,6 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in / tp_size) -> y: (..., out), a partial sum until reduced
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # NOTE: bias added once, by rank 0
+        y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # NOTE: bias added once, by rank 0
         if self.tp_size > 1 and self.collectives: dist.all_reduce(y)
         return y

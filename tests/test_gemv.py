@@ -1,0 +1,155 @@
+"""Chapter 09a's Triton GEMV, on the CPU through Triton's interpreter (small shapes: the interpreter is slow).
+
+- `gemv` equals the fp32 product of the same inputs within the dtype's tolerance: fp32, fp16, bf16, odd N and K,
+  M from 1 to 16, bias or not, split-K or not, the FMA and the tensor-core path;
+- its checks reject what it cannot do;
+- the dispatch `linear` (chapter 09) takes it only when it should, and `force_gemv` sends a whole tiny model
+  through it with the same logits as F.linear (and tensor-parallel shards still add up).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm_lit.layers import gemv_triton
+from nanovllm_lit.layers.gemv_triton import GEMV_TOLERANCE, gemv, gemv_config, gemv_error, m_bucket
+from nanovllm_lit.layers.linear import (GEMV_MAX_M, MergedColumnParallelLinear, RowParallelLinear, fake_tp,
+                                        force_gemv, gemv_enabled, linear, uses_gemv)
+from nanovllm_lit.utils.testing import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+SMALL = dict(block_n=16, block_k=32)          # several programs and several K steps on tiny shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("split", [1, 2])
+def test_matches_fp32_reference(dtype, split):
+    g = torch.Generator().manual_seed(0)
+    N, K = 45, 77                                                        # tails in both directions
+    w, b = torch.randn(N, K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    for M in (1, 2, 3, 5, 8, 13, 16):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        for bias in (None, b):
+            y = gemv(x, w, bias, config=dict(SMALL, split_k=split))
+            assert y.shape == (M, N) and y.dtype == dtype
+            assert gemv_error(y, x, w, bias) <= GEMV_TOLERANCE[dtype], (M, bias is None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_and_fma_paths_agree_with_the_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(16, 96, generator=g).to(dtype), torch.randn(40, 96, generator=g).to(dtype)
+    for dot in (True, False):
+        assert gemv_error(gemv(x, w, config=dict(SMALL, dot=dot)), x, w) <= GEMV_TOLERANCE[dtype]
+
+
+def test_negative_control_a_wrong_product_fails_the_check():
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(4, 64, generator=g).bfloat16(), torch.randn(32, 64, generator=g).bfloat16()
+    y = gemv(x, w, config=SMALL)
+    assert gemv_error(y, x, w) <= GEMV_TOLERANCE[torch.bfloat16]
+    assert gemv_error(y, x, w.roll(1, 1)) > 10 * GEMV_TOLERANCE[torch.bfloat16]   # a shifted K: caught
+    assert gemv_error(gemv(x[:, :32], w[:, :32]), x, w) > 10 * GEMV_TOLERANCE[torch.bfloat16]   # half of K
+
+
+def test_strided_rows_and_the_default_config():
+    g = torch.Generator().manual_seed(3)
+    buf, w = torch.randn(8, 300, generator=g), torch.randn(50, 260, generator=g)
+    x = buf[:5, 20:280]                                                  # a row stride of 300
+    assert gemv_error(gemv(x, w), x, w) <= GEMV_TOLERANCE[torch.float32]
+
+
+def test_input_checks():
+    w = torch.randn(8, 16)
+    for x, msg in ((torch.randn(GEMV_MAX_M + 1, 16), "1 <= M <= 16"), (torch.randn(0, 16), "1 <= M"),
+                   (torch.randn(2, 16).half(), "of one dtype"), (torch.randn(2, 16).double(), "of one dtype"),
+                   (torch.randn(2, 15), "weight (N, K) expected")):
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")): gemv(x, w)
+    with pytest.raises(ValueError, match="contiguous along K"): gemv(torch.randn(2, 16), w.T.contiguous().T)
+    with pytest.raises(ValueError, match="bias of shape"): gemv(torch.randn(2, 16), w, torch.randn(7))
+
+
+def test_buckets_and_config_table():
+    assert sorted({m_bucket(M) for M in range(1, GEMV_MAX_M + 1)}) == [1, 2, 4, 8, 16]
+    key = (123, 456, 4)
+    gemv_triton.GEMV_CONFIG[key] = dict(block_n=4, split_k=3)
+    try:
+        cfg = gemv_config(3, 123, 456, torch.bfloat16)
+        assert (cfg["block_n"], cfg["split_k"]) == (4, 3) and "num_warps" in cfg
+        x, w = torch.randn(3, 456).bfloat16(), torch.randn(123, 456).bfloat16()
+        assert gemv_error(gemv(x, w), x, w) <= GEMV_TOLERANCE[torch.bfloat16]
+    finally:
+        del gemv_triton.GEMV_CONFIG[key]
+
+
+def test_dispatch(monkeypatch):
+    w, b = torch.randn(6, 4), torch.randn(6)
+    assert not uses_gemv(torch.randn(3, 4), w)                           # CPU: F.linear unless forced
+    with force_gemv():
+        assert uses_gemv(torch.randn(2, 8, 4), w, b)                     # 16 rows after flattening
+        assert not uses_gemv(torch.randn(17, 4), w)
+        assert not uses_gemv(torch.randn(3, 4), w, b.half())
+        assert not uses_gemv(torch.randn(3, 4).double(), w.double())
+        x = torch.randn(2, 3, 4)
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
+        xt = torch.randn(4, 3).T                                         # last dim not contiguous: copied first
+        torch.testing.assert_close(linear(xt, w), F.linear(xt, w))
+    monkeypatch.setenv("NANOVLLM_LIT_GEMV", "0")
+    assert not gemv_enabled()                                            # read at the call
+    monkeypatch.setenv("NANOVLLM_LIT_GEMV", "1")
+    assert gemv_enabled()
+
+
+def test_tensor_parallel_shards_add_up_through_gemv():
+    g = torch.Generator().manual_seed(4)
+    W, b, x = torch.randn(5, 8, generator=g), torch.randn(5, generator=g), torch.randn(3, 8, generator=g)
+    G, U = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    partials, gates = [], []
+    with force_gemv():
+        for r in range(2):
+            with fake_tp(r, 2): row, mer = RowParallelLinear(8, 5, bias=True), MergedColumnParallelLinear(8, [6, 6])
+            row.weight_loader(row.weight, W); row.weight_loader(row.bias, b)
+            mer.weight_loader(mer.weight, G, 0); mer.weight_loader(mer.weight, U, 1)
+            partials.append(row(x.chunk(2, -1)[r])); gates.append(mer(x).split([3, 3], -1)[0])
+    torch.testing.assert_close(sum(partials), x @ W.T + b)              # bias once, by rank 0
+    torch.testing.assert_close(torch.cat(gates, -1), x @ G.T)
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen2ForCausalLM"])   # Qwen2: q/k/v biases
+def test_tiny_model_logits_equal_with_the_gemv_forced(arch, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+    from nanovllm_lit.models import model_class_for
+    from nanovllm_lit.utils.context import reset_context, set_context
+    from nanovllm_lit.utils.loader import load_model
+    path = make_tiny_checkpoint(tmp_path, arch, initializer_range=0.1)
+    cfg = AutoConfig.from_pretrained(path)
+    model = model_class_for(cfg)(cfg)
+    load_model(model, path)
+    model.eval()
+    lens = [5, 1, 8]                                                     # 14 tokens: every matmul has <= 16 rows
+    cu = [0, 5, 6, 14]
+    ids = torch.randint(3, cfg.vocab_size, (14,), generator=torch.Generator().manual_seed(5))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+
+    def run():
+        set_context(True, cu_seqlens_q=i32(cu), cu_seqlens_k=i32(cu), max_seqlen_q=8, max_seqlen_k=8,
+                    slot_mapping=i32(list(range(14))))
+        try:
+            with torch.no_grad():
+                hidden = model(ids, pos)
+                return hidden, model.compute_logits(hidden)
+        finally:
+            reset_context()
+
+    calls = []
+    real = gemv_triton.gemv
+    monkeypatch.setattr(gemv_triton, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    ref_hidden, ref_logits = run()
+    assert not calls                                                     # the CPU path: F.linear
+    with force_gemv(): hidden, logits = run()
+    n_linear = 4 * cfg.num_hidden_layers + 1                             # qkv, o, gate_up, down per layer; lm_head
+    assert len(calls) == n_linear and calls[-1] == (3, cfg.hidden_size)  # the LM head: the 3 last tokens
+    assert logits.shape == (3, cfg.vocab_size)
+    scale = ref_logits.abs().max().item()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5 * ref_hidden.abs().max().item())
