@@ -122,17 +122,17 @@ def available_backends() -> list[str]:
     return out
 
 # %% ../../nbs/10_attention.ipynb #0030f832
-def _forward_torch(attn, q, k, v, ctx: Context):
-    if attn.k_cache.numel() and attn.v_cache.numel():
+def _forward_torch(attn, q, k, v, ctx: Context, kv_stored: bool = False):
+    if not kv_stored and attn.k_cache.numel() and attn.v_cache.numel():
         store_kvcache(k, v, attn.k_cache, attn.v_cache, ctx.slot_mapping)
     if ctx.is_prefill:
         return torch_prefill(q, k, v, attn.k_cache, attn.v_cache, ctx.cu_seqlens_q, ctx.cu_seqlens_k, attn.scale,
                              ctx.block_tables)
     return torch_decode(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.context_lens, attn.scale)
 
-def _forward_triton(attn, q, k, v, ctx: Context):
+def _forward_triton(attn, q, k, v, ctx: Context, kv_stored: bool = False):
     tk = _triton_kernels()
-    if attn.k_cache.numel() and attn.v_cache.numel():
+    if not kv_stored and attn.k_cache.numel() and attn.v_cache.numel():
         tk.store_kvcache_triton(k, v, attn.k_cache, attn.v_cache, ctx.slot_mapping)
     if ctx.is_prefill:
         if ctx.block_tables is None:                             # no cached prefix: K/V straight from the batch
@@ -142,10 +142,10 @@ def _forward_triton(attn, q, k, v, ctx: Context):
     return tk.decode_attention(q, attn.k_cache, attn.v_cache, ctx.block_tables, ctx.context_lens, attn.scale)
 
 # %% ../../nbs/10_attention.ipynb #457f30b0
-def _forward_flash_attn(attn, q, k, v, ctx: Context):
+def _forward_flash_attn(attn, q, k, v, ctx: Context, kv_stored: bool = False):
     fa = _flash_attn()
     k_cache, v_cache = attn.k_cache, attn.v_cache
-    if k_cache.numel() and v_cache.numel():
+    if not kv_stored and k_cache.numel() and v_cache.numel():
         _triton_kernels().store_kvcache_triton(k, v, k_cache, v_cache, ctx.slot_mapping)
     if ctx.is_prefill:
         if ctx.block_tables is not None:                         # prefix cache: read everything from the pages
@@ -170,11 +170,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])           # (num_blocks, block_size, num_kv_heads, head_dim) once assigned
         self.backend = "torch"
 
-    def forward(self, q, k, v):
-        "q (N, H, D), k/v (N, KVH, D) -> o (N, H, D), for the batch described by `get_context()`."
+    def forward(self, q, k, v, kv_stored: bool = False):
+        "q (N, H, D), k/v (N, KVH, D) -> o (N, H, D), for the batch described by `get_context()`; `kv_stored`: k/v already in the cache (chapter 12b)."
         if self.backend not in _FORWARD:
             raise ValueError(f"unknown attention backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
-        return _FORWARD[self.backend](self, q, k, v, get_context())
+        return _FORWARD[self.backend](self, q, k, v, get_context(), kv_stored)
 
     def extra_repr(self):
         cache = tuple(self.k_cache.shape) if self.k_cache.numel() else "not allocated"

@@ -12,6 +12,7 @@ from ..layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from ..layers.layernorm import RMSNorm
 from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.rotary_embedding import check_rope_scaling, get_rope, rope_scaling_of, rope_theta_of
+from ..utils.context import get_context
 
 # %% auto #0
 __all__ = ['head_dim_of', 'Qwen3Attention', 'Qwen3MLP', 'Qwen3DecoderLayer', 'Qwen3Model', 'Qwen3ForCausalLM']
@@ -20,6 +21,11 @@ __all__ = ['head_dim_of', 'Qwen3Attention', 'Qwen3MLP', 'Qwen3DecoderLayer', 'Qw
 def head_dim_of(hf_config) -> int:
     "`hf_config.head_dim`, or `hidden_size // num_attention_heads` for configs without one."
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+def _epilogue():
+    "Chapter 12b's module, imported on first use (it needs Triton, which the torch backend does not)."
+    from nanovllm_lit.layers import qkv_epilogue
+    return qkv_epilogue
 
 class Qwen3Attention(nn.Module):
     "qkv_proj → per-head q/k RMSNorm (Qwen3; optional) → RoPE → paged Attention → o_proj."
@@ -40,6 +46,9 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)                                   # (N, q_size + 2 kv_size)
+        if self.attn.backend != "torch" and _epilogue().uses_qkv_epilogue(self.attn.backend, qkv):
+            # kernel backends: chapter 12b's one kernel does the norms, RoPE and the KV-cache write below
+            return self.o_proj(self.attn(*self.fused_epilogue(positions, qkv), kv_stored=True).flatten(1, -1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)                        # (N, H, D)
         k = k.view(-1, self.num_kv_heads, self.head_dim)                     # (N, KVH, D)
@@ -48,6 +57,14 @@ class Qwen3Attention(nn.Module):
         q, k = self.rotary_emb(positions, q, k)
         o = self.attn(q, k, v)                                               # (N, H, D)
         return self.o_proj(o.flatten(1, -1))                                 # (N, hidden)
+
+    def fused_epilogue(self, positions: torch.Tensor, qkv: torch.Tensor):
+        "q/k norm, RoPE and the KV-cache write of `forward`, in one kernel (chapter 12b) -> q, k, v."
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 1e-6)
+        return _epilogue().qkv_epilogue(qkv, positions, self.num_heads, self.num_kv_heads, self.head_dim,
+                                        self.rotary_emb.cos_sin_cache, *norms, self.attn.k_cache, self.attn.v_cache,
+                                        get_context().slot_mapping)
+
 
 # %% ../../nbs/15_qwen3.ipynb #ecca8a1d
 class Qwen3MLP(nn.Module):
