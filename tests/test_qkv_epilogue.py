@@ -96,3 +96,16 @@ def test_engine_triton_fused_equals_torch_backend(tmp_path, arch, extra):
             out[backend] = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert calls, "the triton backend did not take the fused epilogue"
     assert out["triton"] == out["torch"]
+
+
+def test_tp2_triton_fused_equals_one_rank_torch(tmp_path):
+    "Under TP each rank runs the kernel on its own heads (2 of 4 query heads, 1 of 2 KV heads), gloo on a CPU."
+    path = make_tiny_checkpoint(tmp_path / "q3", "Qwen3ForCausalLM")
+    kw = dict(device="cpu", max_model_len=96, max_num_batched_tokens=192, kvcache_block_size=16, num_kvcache_blocks=12)
+    prompts = [[5, 6, 7, 8] * 4, [9, 10, 11]]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLMEngine(path, attention_backend="torch", **kw) as llm:
+        ref = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    with LLMEngine(path, attention_backend="triton", tensor_parallel_size=2, **kw) as llm:
+        got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == ref
