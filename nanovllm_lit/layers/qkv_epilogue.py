@@ -71,7 +71,7 @@ def _qkv_epilogue_kernel(qkv_ptr, qkv_stride, q_out_ptr, k_out_ptr, q_w_ptr, k_w
     row = qkv_ptr + tok * qkv_stride
     DT = q_out_ptr.dtype.element_ty
     cs = cs_ptr + tl.load(positions_ptr + tok).to(tl.int64) * cs_stride
-    slot = tl.load(slot_ptr + tok).to(tl.int64) if STORE else -1
+    slot = tl.load(slot_ptr + tok).to(tl.int64)              # (without a cache the wrapper passes positions: unused)
     if part == 0:
         x1, x2, xt = _load_heads(row, H, H_P, D, HALF, HALF_P, TAIL, TAIL_P)
         x1, x2, xt = _norm_rope(x1, x2, xt, q_w_ptr, cs, eps, DT, D, HALF, HALF_P, TAIL, TAIL_P, HAS_NORM)
@@ -80,12 +80,15 @@ def _qkv_epilogue_kernel(qkv_ptr, qkv_stride, q_out_ptr, k_out_ptr, q_w_ptr, k_w
         x1, x2, xt = _load_heads(row + H * D, KVH, KVH_P, D, HALF, HALF_P, TAIL, TAIL_P)
         x1, x2, xt = _norm_rope(x1, x2, xt, k_w_ptr, cs, eps, DT, D, HALF, HALF_P, TAIL, TAIL_P, HAS_NORM)
         _store_heads(k_out_ptr + tok * KVH * D, D, x1, x2, xt, KVH, KVH_P, HALF, HALF_P, TAIL, TAIL_P)
+        if STORE:                                            # (a constexpr: compiled out without a cache)
+            if slot >= 0:
+                _store_heads(k_cache_ptr + slot * c_stride_slot, c_stride_h, x1, x2, xt,
+                             KVH, KVH_P, HALF, HALF_P, TAIL, TAIL_P)
+    elif STORE:                                              # values: no norm, no rotation, straight to the cache
         if slot >= 0:
-            _store_heads(k_cache_ptr + slot * c_stride_slot, c_stride_h, x1, x2, xt,
+            x1, x2, xt = _load_heads(row + (H + KVH) * D, KVH, KVH_P, D, HALF, HALF_P, TAIL, TAIL_P)
+            _store_heads(v_cache_ptr + slot * c_stride_slot, c_stride_h, x1, x2, xt,
                          KVH, KVH_P, HALF, HALF_P, TAIL, TAIL_P)
-    elif slot >= 0:                                          # values: no norm, no rotation, straight to the cache
-        x1, x2, xt = _load_heads(row + (H + KVH) * D, KVH, KVH_P, D, HALF, HALF_P, TAIL, TAIL_P)
-        _store_heads(v_cache_ptr + slot * c_stride_slot, c_stride_h, x1, x2, xt, KVH, KVH_P, HALF, HALF_P, TAIL, TAIL_P)
 
 # %% ../../nbs/12b_qkv_epilogue.ipynb #2e452f13
 def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
