@@ -30,39 +30,42 @@ class StandInGraph:
         saved = get_context()
         set_context(False, slot_mapping=v["slot_mapping"][:b], context_lens=v["context_lens"][:b],
                     block_tables=v["block_tables"][:b])
-        with torch.inference_mode(): v["outputs"][:b] = r.model(v["input_ids"][:b], v["positions"][:b])
+        r.record_decode(b)          # what a captured graph replays: the forward, and with graph_samples LM head + sampler
         set_context(saved.is_prefill, slot_mapping=saved.slot_mapping, context_lens=saved.context_lens,
                     block_tables=saved.block_tables)
         self.replays += 1
 
 
-def install_stand_in_graphs(llm):
+def install_stand_in_graphs(llm, samples: bool = True):
     r = llm.model_runner
+    r.graph_samples = samples
     r.graph_bs = graph_batch_sizes(llm.config.max_num_seqs)
     r.setup_decode_buffers(r.graph_bs[-1], -(-llm.config.max_model_len // r.block_size))
     r.graphs = {b: StandInGraph(r, b) for b in r.graph_bs}
     return r
 
 
-def run(ckpt, staged: bool, **kw):
+def run(ckpt, staged: bool, samples: bool = True, sp=None, full: bool = False, prompts=PROMPTS, **kw):
     with LLMEngine(ckpt, **{**KW, **kw}) as llm:
-        r = install_stand_in_graphs(llm) if staged else None
+        r = install_stand_in_graphs(llm, samples) if staged else None
         copies = []
         if staged:
             stage = r.stage_decode
             r.stage_decode = lambda seqs: (copies.append(len(seqs)), stage(seqs))[1]
-        sp = [SamplingParams(temperature=0, max_tokens=10 + 7 * i, ignore_eos=True) for i in range(len(PROMPTS))]
-        out = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
+        sp = sp or [SamplingParams(temperature=0, max_tokens=10 + 7 * i, ignore_eos=True) for i in range(len(prompts))]
+        out = llm.generate(prompts, sp, use_tqdm=False)
+        out = out if full else [o["token_ids"] for o in out]
         replays = sum(g.replays for g in r.graphs.values()) if staged else 0
         return out, copies, replays
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("num_kvcache_blocks", [None, 12])   # 12 blocks: the engine preempts
-def test_staged_decode_equals_eager(ckpt, overlap, num_kvcache_blocks):
+@pytest.mark.parametrize("samples", [True, False])           # LM head + sampler in the graph, or the forward alone
+def test_staged_decode_equals_eager(ckpt, overlap, num_kvcache_blocks, samples):
     kw = dict(overlap_scheduling=overlap, num_kvcache_blocks=num_kvcache_blocks)
     eager, _, _ = run(ckpt, False, **kw)
-    staged, copies, replays = run(ckpt, True, **kw)
+    staged, copies, replays = run(ckpt, True, samples, **kw)
     assert staged == eager
     assert copies and replays == len(copies) and max(copies) <= KW["max_num_seqs"]   # every decode step was staged
 
@@ -83,3 +86,55 @@ def test_padding_rows_store_nothing(ckpt):
         assert changed == [slot], changed
         v = r.graph_vars
         assert v["input_ids"].dtype == torch.int32 and v["slot_mapping"][1:].eq(-1).all()
+
+
+
+def count_host_samplers(monkeypatch):
+    "Count the steps sampled outside the graph (chapter 14a's `sample_batch`, as the runner calls it)."
+    from nanovllm_lit.engine import model_runner
+    calls, real = [], model_runner.sample_batch
+    monkeypatch.setattr(model_runner, "sample_batch", lambda logits, batch: (calls.append(len(logits)), real(logits, batch))[1])
+    return calls
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_sampler_serves_plain_decode_steps(ckpt, monkeypatch, overlap):
+    "Greedy batches: every staged decode step takes the ids the graph sampled; only the prefills sample on the host."
+    calls = count_host_samplers(monkeypatch)
+    forward_only, copies, _ = run(ckpt, True, samples=False, overlap_scheduling=overlap)
+    host_steps = len(calls)                               # every step: the prefills and the decode steps
+    calls.clear()
+    with_sampler, copies2, _ = run(ckpt, True, samples=True, overlap_scheduling=overlap)
+    assert with_sampler == forward_only and copies2 == copies and copies
+    assert len(calls) == host_steps - len(copies), (len(calls), host_steps, len(copies))
+
+
+def test_graph_sampler_keeps_logits_for_logprobs_and_filters(ckpt, monkeypatch):
+    "Log-probabilities read the logits the graph kept; a filtered batch samples from them on the host (top_k=1: greedy)."
+    sp = [SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, logprobs=3),
+          SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True)] + \
+         [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)] * (len(PROMPTS) - 2)
+    eager, _, _ = run(ckpt, False, sp=sp, full=True, overlap_scheduling=False)
+    calls = count_host_samplers(monkeypatch)
+    staged, copies, _ = run(ckpt, True, sp=sp, full=True, overlap_scheduling=False)
+    assert [o["token_ids"] for o in staged] == [o["token_ids"] for o in eager]
+    assert len(calls) > len(copies)                       # the top-k row's decode steps sampled on the host too
+    assert len(staged[0]["logprobs"]) == 9
+    for a, b in zip(staged[0]["logprobs"], eager[0]["logprobs"]):
+        assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a), (a, b)
+
+
+def test_graph_sampler_honours_each_rows_temperature_and_seed(ckpt):
+    "Rows at T = 1 and greedy rows in one batch: the greedy rows equal eager greedy; torch's seed repeats a run."
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    hot = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    sp = [hot if i % 2 else greedy for i in range(len(PROMPTS))]
+    reference, _, _ = run(ckpt, False, sp=[greedy] * len(PROMPTS))
+    def sampled(seed, prompts=PROMPTS, params=sp):
+        torch.manual_seed(seed)
+        return run(ckpt, True, sp=params, prompts=prompts, overlap_scheduling=True)[0]
+    a, b, c = sampled(0), sampled(0), sampled(1)
+    assert [x for i, x in enumerate(a) if i % 2 == 0] == [x for i, x in enumerate(reference) if i % 2 == 0]
+    assert a == b and a != c                                # the seeds come from torch's CPU generator
+    twins = sampled(2, [PROMPTS[0]] * 4, [hot] * 4)          # one prompt four times: each row draws its own noise
+    assert len({tuple(t) for t in twins}) > 1, twins

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 10's GPU work of 2026-12-06, one part per device call (each well under 10 min):
-#   bash tools/gpu_next.sh check    correctness: chapter 12b's cells (fused QKV epilogue: kernel == chain in bf16,
-#                                   engine with graphs fused == unfused), 09a's GEMV (no sweep), and the engine
+#   bash tools/gpu_next.sh check    correctness: chapters 12b, 14b and 08's cells (08: replayed graphs, now with
+#                                   the LM head and sampler inside, == eager; 14b: a graph's sampler draws anew;
+#                                   12b: the fused QKV epilogue == the chain in bf16, engine fused == unfused),
+#                                   09a's GEMV (no sweep), and the engine
 #                                   checks that run the kernel backends against HF and the torch backend
-#   bash tools/gpu_next.sh bench      the three workloads with everything on (--profile), then batch 1 and
-#                                   256x512/512 with the GEMV and the fused epilogue off: before/after on one card
+#   bash tools/gpu_next.sh bench    the three workloads with everything on (--profile), then batch 1 and
+#                                   256x512/512 with the GEMV, the fused epilogue and the graph's sampler off
+#   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
 #                                   1 row now take different GEMV tiles)
@@ -17,19 +20,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; d
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "${1:-check}" in
   check)
-    timeout 200 python3 tools/run_cells.py nbs/12b_qkv_epilogue.ipynb > "$OUT/cells_12b.log" 2>&1; echo "12b rc $?"
-    grep -v "Warning\|ok (" "$OUT/cells_12b.log" | tail -12
-    timeout 120 python3 tests/gpu_gemv_bench.py --no-sweep > "$OUT/gemv.log" 2>&1; echo "gemv rc $?"
+    for ch in 12b_qkv_epilogue 14b_sampler_kernel 08_model_runner; do
+      timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
+      grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -8
+    done
+    timeout 100 python3 tests/gpu_gemv_bench.py --no-sweep > "$OUT/gemv.log" 2>&1; echo "gemv rc $?"
     grep -v Warning "$OUT/gemv.log" | tail -40
     timeout 240 python3 tests/gpu_engine_check.py --only "fp32 triton" "fp32 torch" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log" ;;
   bench)
     timeout 330 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -60
-    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
-      > "$OUT/bench_off.log" 2>&1; echo "bench (GEMV and fused epilogue off) rc $?"; grep -v Warning "$OUT/bench_off.log" | tail -12 ;;
+    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
+      > "$OUT/bench_off.log" 2>&1; echo "bench (GEMV, fused epilogue, graph sampler off) rc $?"; grep -v Warning "$OUT/bench_off.log" | tail -12 ;;
+  sampler)
+    NANOVLLM_LIT_GRAPH_SAMPLER=0 timeout 280 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 --profile \
+      > "$OUT/bench_sampler_off.log" 2>&1; echo "bench (graph sampler off) rc $?"; grep -v Warning "$OUT/bench_sampler_off.log" | tail -40 ;;
   spec)
     timeout 300 python3 tests/gpu_spec_check.py --dtype float32 --eps 0.01 > "$OUT/spec_fp32.log" 2>&1; echo "spec rc $?"
     grep -v Warning "$OUT/spec_fp32.log" | tail -12 ;;
-  *) echo "unknown part ${1}: check | bench | spec"; exit 2 ;;
+  *) echo "unknown part ${1}: check | bench | sampler | spec"; exit 2 ;;
 esac

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/08_model_runner.ipynb #0b138bd0
 from __future__ import annotations
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 import torch
@@ -84,9 +85,9 @@ def prepare_decode(seqs: list[Sequence], block_size: int, device="cpu",
     return _tensor(input_ids, torch.int64, device), _tensor(positions, torch.int64, device), context
 
 # %% ../../nbs/08_model_runner.ipynb #fd7c7399
-def prepare_sample(seqs: list[Sequence], device="cpu") -> SamplingBatch:
-    "Sampling inputs of `seqs` on `device`: temperatures; filters, generators, logprobs counts only where used."
-    temperatures = _tensor([seq.temperature for seq in seqs], torch.float32, device)
+def prepare_sample(seqs: list[Sequence], device="cpu", temperatures: torch.Tensor | None = None) -> SamplingBatch:
+    "Sampling inputs of `seqs` on `device`: temperatures (unless given); filters, generators, logprobs only where used."
+    if temperatures is None: temperatures = _tensor([seq.temperature for seq in seqs], torch.float32, device)
     params = [seq.sampling_params for seq in seqs]
     filters = (None, None, None)
     if any(sp.uses_filters for sp in params):
@@ -163,6 +164,7 @@ class ModelRunner:
         self.enforce_eager = config.enforce_eager or self.device.type != "cuda" \
             or config.attention_backend not in _GRAPH_BACKENDS
         self.graphs, self.graph_bs, self.graph_vars, self.graph_pool = {}, [], {}, None
+        self.graph_samples, self.graph_tokens, self._staged = False, None, None   # see "The LM head and the sampler"
         self.shm, self.broken, self.closed, self._own_group = None, None, False, False
         self.model = self.kv_cache = None
         self.last_logprobs = None  # rank 0, after `run`: the step's log-probabilities, if any asked (see `run`)
@@ -270,6 +272,7 @@ def exit(self):
 def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
     "Prefill inputs of `seqs` on this runner's device; sets the `Context`."
     input_ids, positions, context = prepare_prefill(seqs, self.block_size, self.device)
+    self._staged = None
     set_context(True, **context)
     return input_ids, positions
 
@@ -281,13 +284,15 @@ def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tens
     if self.graphs and len(seqs) <= self.graph_bs[-1]: return self.stage_decode(seqs)   # one copy (see below)
     width = -(-self.config.max_model_len // self.block_size) if self.device.type == "cuda" else None
     input_ids, positions, context = prepare_decode(seqs, self.block_size, self.device, width)
+    self._staged = None
     set_context(False, **context)
     return input_ids, positions
 
 @patch_to(ModelRunner)
 def prepare_sample(self, seqs: list[Sequence]) -> SamplingBatch:
     "The `SamplingBatch` of `seqs` on this runner's device (rank 0 only: seeded sequences get their generator here)."
-    return prepare_sample(seqs, self.device)
+    staged = self.graph_vars["temperatures"][:len(seqs)] if seqs is self._staged else None   # already on the device
+    return prepare_sample(seqs, self.device, staged)
 
 # %% ../../nbs/08_model_runner.ipynb #48aea564
 @patch_to(ModelRunner)
@@ -295,22 +300,31 @@ def prepare_sample(self, seqs: list[Sequence]) -> SamplingBatch:
 def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, is_prefill: bool):
     "Logits of the batch (rank 0; None elsewhere): eager, or a CUDA-graph replay for decode."
     bs, context = input_ids.size(0), get_context()
+    self.graph_tokens = None
     if (is_prefill or not self.graphs or bs > self.graph_bs[-1]
             or context.block_tables.size(1) > self.graph_vars["block_tables"].size(1)):  # guard: nano-vllm #190
         return self.model.compute_logits(self.model(input_ids, positions))
     graph_bs = next(b for b in self.graph_bs if b >= bs)
     v, w = self.graph_vars, context.block_tables.size(1)
-    if input_ids.data_ptr() == v["input_ids"].data_ptr():       # staged (below): already in the graph's buffers
-        self.graphs[graph_bs].replay()
-        return self.model.compute_logits(v["outputs"][:bs])
-    v["input_ids"][:bs] = input_ids
-    v["positions"][:bs] = positions
-    v["slot_mapping"].fill_(-1); v["slot_mapping"][:bs] = context.slot_mapping  # padding rows store nothing
-    v["context_lens"].zero_(); v["context_lens"][:bs] = context.context_lens    # ... and read nothing
-    v["block_tables"][:bs, :w] = context.block_tables
-    v["block_tables"][:bs, w:] = -1  # subtle: clear columns a wider earlier step left behind
+    staged = input_ids.data_ptr() == v["input_ids"].data_ptr()   # staged (below): already in the graph's buffers
+    if not staged:
+        v["input_ids"][:bs] = input_ids
+        v["positions"][:bs] = positions
+        v["slot_mapping"].fill_(-1); v["slot_mapping"][:bs] = context.slot_mapping  # padding rows store nothing
+        v["context_lens"].zero_(); v["context_lens"][:bs] = context.context_lens    # ... and read nothing
+        v["block_tables"][:bs, :w] = context.block_tables
+        v["block_tables"][:bs, w:] = -1  # subtle: clear columns a wider earlier step left behind
+        v["temperatures"].zero_()        # the graph's own sampler (below) goes greedy; its ids are not used
     self.graphs[graph_bs].replay()
-    return self.model.compute_logits(v["outputs"][:bs])
+    if not self.graph_samples: return self.model.compute_logits(v["outputs"][:bs])
+    if staged and "tokens" in v: self.graph_tokens = v["tokens"][:bs]   # sampled with this step's temperatures
+    return v["logits"][:bs] if "logits" in v else None   # NOTE: views of the graph's buffers, until the next replay
+
+@patch_to(ModelRunner)
+def sample_tokens(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    "(B,) int64 on the device: the ids the decode graph sampled, if it sampled this batch; else `sample_batch`'s."
+    if self.graph_tokens is not None and batch.plain: return self.graph_tokens   # no filter, no seeded row
+    return sample_batch(logits, batch)      # chapter 14's fast path unless a row filters or is seeded
 
 @patch_to(ModelRunner)
 def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
@@ -322,7 +336,7 @@ def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int] | None:
         logits = self.run_model(input_ids, positions, is_prefill)
         if self.rank != 0: return None
         with torch.inference_mode():
-            token_ids = sample_batch(logits, batch)   # chapter 14's fast path unless a row filters or is seeded
+            token_ids = self.sample_tokens(logits, batch)
             if batch.logprobs is not None: self.last_logprobs = logprobs_of(logits, token_ids, batch.logprobs)
             return token_ids.tolist()
     finally: reset_context()
@@ -337,36 +351,40 @@ def graph_batch_sizes(max_num_seqs: int, cap: int = 512) -> list[int]:
 @patch_to(ModelRunner)
 @torch.inference_mode()
 def capture_cudagraph(self):
-    "Record the decode forward once per batch size in `graph_batch_sizes`, on fixed-shape input buffers."
+    "Record the decode step once per batch size in `graph_batch_sizes`, on fixed-shape input buffers."
     config = self.config
     self.graph_bs = graph_batch_sizes(config.max_num_seqs)
     max_bs = self.graph_bs[-1]
     width = -(-config.max_model_len // self.block_size)  # NOTE: covers the longest sequence there can be
     self.setup_decode_buffers(max_bs, width)                      # see "One copy per step" below
+    self.graph_samples = os.environ.get("NANOVLLM_LIT_GRAPH_SAMPLER", "1") != "0"   # see "The LM head and ..."
     v = self.graph_vars
     for bs in reversed(self.graph_bs):  # largest first: the shared pool then fits every smaller graph
         graph = torch.cuda.CUDAGraph()
         set_context(False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
                     block_tables=v["block_tables"][:bs])
-        v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])  # warm-up: JIT, NCCL setup
+        self.record_decode(bs)                                    # warm-up: JIT, NCCL setup
         with torch.cuda.graph(graph, self.graph_pool):
-            v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
+            self.record_decode(bs)
         if self.graph_pool is None: self.graph_pool = graph.pool()
         self.graphs[bs] = graph
         torch.cuda.synchronize()
         reset_context()
 
 # %% ../../nbs/08_model_runner.ipynb #a4c2d28f
-_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens")
+_DECODE_FIELDS = ("input_ids", "positions", "slot_mapping", "context_lens", "temperatures")
 
 def decode_buffers(max_bs: int, width: int, device, pin_memory: bool = False) -> tuple[torch.Tensor, dict]:
     "One int32 buffer for every decode input of `max_bs` rows, and its views by name (block_tables: (max_bs, width))."
-    packed = torch.empty(max_bs * (len(_DECODE_FIELDS) + width), dtype=torch.int32, device=device, pin_memory=pin_memory)
+    f = len(_DECODE_FIELDS)
+    packed = torch.empty(max_bs * (f + width) + 1, dtype=torch.int32, device=device, pin_memory=pin_memory)
     views = {name: packed[i * max_bs:(i + 1) * max_bs] for i, name in enumerate(_DECODE_FIELDS)}
-    views["block_tables"] = packed[len(_DECODE_FIELDS) * max_bs:].view(max_bs, width)
+    views["temperatures"] = views["temperatures"].view(torch.float32)   # float32 bits in int32 slots
+    views["block_tables"] = packed[f * max_bs:-1].view(max_bs, width)
+    views["seed"] = packed[-1:]                                          # the sampler's (see "The LM head ...")
     return packed, views
 
-def pack_decode(seqs: list[Sequence], block_size: int, views: dict) -> None:
+def pack_decode(seqs: list[Sequence], block_size: int, views: dict, seed: int = 0) -> None:
     "Write the decode inputs of `seqs` into `views` (of a CPU buffer); the rows past them read and write nothing."
     n, width = len(seqs), views["block_tables"].size(1)
     ids, pos, slots, tables = [], [], [], []
@@ -377,9 +395,11 @@ def pack_decode(seqs: list[Sequence], block_size: int, views: dict) -> None:
         tables.append(seq.block_table + [-1] * (width - len(seq.block_table)))
     host = {name: view.numpy() for name, view in views.items()}  # NOTE: numpy from lists: ~3x faster than torch's
     for name, values, pad in (("input_ids", ids, 0), ("positions", pos, 0), ("slot_mapping", slots, -1),
-                              ("context_lens", [p + 1 for p in pos], 0), ("block_tables", tables, -1)):
+                              ("context_lens", [p + 1 for p in pos], 0), ("block_tables", tables, -1),
+                              ("temperatures", [seq.temperature for seq in seqs], 0.0)):
         if n: host[name][:n] = values
         host[name][n:] = pad                                      # padding rows: store nothing, read nothing
+    host["seed"][0] = seed
 
 # %% ../../nbs/08_model_runner.ipynb #5c6caa9c
 def staging_buffer(max_bs: int, width: int, cuda: bool = True) -> tuple[torch.Tensor, dict, object]:
@@ -406,13 +426,29 @@ def stage_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor
     self._staging.append(self._staging.pop(0))                  # the twin used two steps ago
     host, views, copied = self._staging[-1]
     if copied is not None: copied.synchronize()                   # its last copy has run: safe to overwrite
-    pack_decode(seqs, self.block_size, views)
-    v, n = self.graph_vars, len(seqs)
+    pack_decode(seqs, self.block_size, views, seed=int(torch.randint(0, 2**31 - 1, (1,))))  # the sampler's
+    v, n, self._staged = self.graph_vars, len(seqs), seqs
     v["packed"].copy_(host, non_blocking=True)                    # the step's only host->device copy
     if copied is not None: copied.record()
     set_context(False, slot_mapping=v["slot_mapping"][:n], context_lens=v["context_lens"][:n],
                 block_tables=v["block_tables"][:n])
     return v["input_ids"][:n], v["positions"][:n]
+
+# %% ../../nbs/08_model_runner.ipynb #ed7a653f
+@patch_to(ModelRunner)
+@torch.inference_mode()   # NOTE: the graphs' buffers were made in inference mode
+def record_decode(self, bs: int) -> None:
+    "One decode step on the graphs' buffers, as a graph records it: forward; with `graph_samples`, LM head and sampler."
+    v = self.graph_vars
+    v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs])
+    if not self.graph_samples: return
+    logits = self.model.compute_logits(v["outputs"][:bs])          # TP: gathered on rank 0, None elsewhere
+    if logits is None: return
+    if "logits" not in v:    # the first warm-up (the largest batch, before any recording) sizes the buffers
+        v["logits"] = torch.empty(v["outputs"].size(0), logits.size(1), dtype=logits.dtype, device=logits.device)
+        v["tokens"] = torch.zeros(v["outputs"].size(0), dtype=torch.int64, device=logits.device)
+    from nanovllm_lit.layers.sampler_triton import sample_gumbel   # chapter 14b; triton only where needed
+    sample_gumbel(logits, v["temperatures"][:bs], seed=v["seed"], out=v["tokens"][:bs], logits_out=v["logits"][:bs])
 
 # %% ../../nbs/08_model_runner.ipynb #fb83f723
 from .tp_worker import WorkerError, TPPeer, spawn_workers, tp_worker_main, pick_free_port

@@ -12,7 +12,7 @@ from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .model_runner import ModelRunner, _tensor
 from .llm_engine import LLMEngine, _in_use
-from ..layers.sampling_filters import sample_batch, logprobs_of
+from ..layers.sampling_filters import logprobs_of
 from ..utils.context import reset_context
 from ..utils.patch import patch_to
 
@@ -29,7 +29,8 @@ class SampledTokens:
             self.host.copy_(tokens, non_blocking=True)     # queued behind the sampler; returns at once
             self.ready = torch.cuda.Event()
             self.ready.record()
-        else: self.host, self.ready = tokens, None          # CPU: the step has already run
+        else: self.host, self.ready = tokens.clone(), None  # CPU: the step has run; subtle: the ids may be a
+                                                            # view of a buffer the next step reuses (08's graphs)
 
     def wait(self) -> tuple[list[int], list | None]:
         "Block until the ids are on the host (the only wait of an overlapped step)."
@@ -58,7 +59,7 @@ def run_async(self, seqs: list[Sequence], is_prefill: bool) -> SampledTokens | N
     try:
         logits = self.run_model(input_ids, positions, is_prefill)
         with torch.inference_mode():
-            if self.rank == 0: tokens = sample_batch(logits, batch)
+            if self.rank == 0: tokens = self.sample_tokens(logits, batch)   # maybe the graph's (08)
             else: tokens = torch.empty(len(seqs), dtype=torch.int64, device=self.device)
             if self.world_size > 1: dist.broadcast(tokens, src=0)   # every rank feeds the next step itself
             if self.rank == 0 and batch.logprobs is not None:   # NOTE: logprobs read the host now (a sync)

@@ -15,8 +15,11 @@ __all__ = ['SAMPLE_CONFIG', 'sample_gumbel']
 
 # %% ../../nbs/14b_sampler_kernel.ipynb #9613969a
 @triton.jit(do_not_specialize=["seed"])   # a random seed must not trigger a compilation (14c)
-def _gumbel_sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, V, greedy_below, BLOCK: tl.constexpr):
+def _gumbel_sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, copy_ptr, V, greedy_below,
+                          BLOCK: tl.constexpr, SEED_PTR: tl.constexpr, COPY: tl.constexpr):
     row = tl.program_id(0)
+    if SEED_PTR:                                                  # a CUDA graph's seed: read when it replays
+        seed = tl.load(seed)
     t = tl.load(temps_ptr + row)
     sampling = t >= greedy_below                                 # NaN and T < GREEDY_BELOW: greedy
     inv_t = 1.0 / tl.where(sampling, t, 1.0)
@@ -30,7 +33,10 @@ def _gumbel_sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, V, greed
     for start in range(0, V, BLOCK):
         offs = start + lane
         mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        raw = tl.load(row_ptr + offs, mask=mask, other=float("-inf"))
+        if COPY:                                                  # the logits, kept for whoever needs them
+            tl.store(copy_ptr + row.to(tl.int64) * V + offs, raw, mask=mask)
+        x = raw.to(tl.float32)
         first_nan = tl.minimum(first_nan, tl.where((x != x) & mask, offs, V))
         up = x > best_g
         best_g, idx_g = tl.where(up, x, best_g), tl.where(up, offs, idx_g)
@@ -48,15 +54,24 @@ def _gumbel_sample_kernel(logits_ptr, stride, temps_ptr, out_ptr, seed, V, greed
 # %% ../../nbs/14b_sampler_kernel.ipynb #b4e9706b
 SAMPLE_CONFIG = dict(block=2048, num_warps=8)
 
-def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seed: int | None = None,
-                  **config) -> torch.Tensor:
+def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seed: int | torch.Tensor | None = None,
+                  out: torch.Tensor | None = None, logits_out: torch.Tensor | None = None, **config) -> torch.Tensor:
     "Chapter 14's `sample`, one pass: logits (B, V) any float dtype, temperatures (B,) float32 -> (B,) int64."
+    # seed: an int, or a 1-element int32 tensor on the logits' device that the kernel reads (graphs, below);
+    # out: the (B,) int64 tensor to write; logits_out: a contiguous (B, V) tensor that receives the logits as read
     B, V = logits.shape
     assert logits.stride(-1) == 1 and temperatures.shape == (B,), "rows contiguous, one temperature per row"
     cfg = {**SAMPLE_CONFIG, **config}
-    out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    if out is None: out = torch.empty(B, dtype=torch.int64, device=logits.device)
+    assert out.shape == (B,) and out.dtype == torch.int64, "out: (B,) int64"
+    assert logits_out is None or (logits_out.shape == logits.shape and logits_out.is_contiguous()
+                                  and logits_out.dtype == logits.dtype), "logits_out: contiguous, as the logits"
     if B == 0: return out
     if seed is None: seed = int(torch.randint(0, 2**31 - 1, (1,)))   # CPU generator: no GPU sync
-    _gumbel_sample_kernel[(B,)](logits, logits.stride(0), temperatures.float(), out, seed, V, GREEDY_BELOW,
-                                BLOCK=cfg["block"], num_warps=cfg["num_warps"])
+    on_device = isinstance(seed, torch.Tensor)
+    assert not on_device or (seed.numel() == 1 and seed.dtype == torch.int32 and seed.device == logits.device), \
+        "a seed tensor: one int32 on the logits' device"
+    _gumbel_sample_kernel[(B,)](logits, logits.stride(0), temperatures.float(), out, seed,
+                                logits if logits_out is None else logits_out, V, GREEDY_BELOW, BLOCK=cfg["block"],
+                                SEED_PTR=on_device, COPY=logits_out is not None, num_warps=cfg["num_warps"])
     return out
