@@ -165,16 +165,47 @@ def build(fn, types, const):
     sig = {**types, **{k: "constexpr" for k in const}}
     triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
                    target=GPUTarget("cuda", 90, 32))
-types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32",
+types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", lock_ptr="*i32", M="i32", N="i32", K="i32",
              stride_xm="i32", stride_wn="i32", k_len="i32")
 for bm, bn, dot in ((1, 16, False), (4, 8, False), (16, 64, True)):
-    for partial, bias in ((False, True), (True, False)):
+    for partial, bias, fold in ((False, True, False), (True, False, False), (True, True, True), (True, False, True)):
         t = {**types, "out_ptr": "*fp32"} if partial else types
-        build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=256, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias))
+        build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=256, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
+                                      FOLD=fold))
 build(g._sum_splits_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", S="i32"),
       dict(BN=1024, HAS_BIAS=True))
 print("compiled")
 '''
+
+_FOLD_PTX = r'''
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nanovllm_lit.layers import gemv_triton as g
+types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", y_ptr="*bf16", lock_ptr="*i32", M="i32",
+             N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32")
+const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True)
+sig = {**types, **{k: "constexpr" for k in const}}
+k = triton.compile(ASTSource(fn=g._gemv_kernel, signature={n: sig[n] for n in g._gemv_kernel.arg_names},
+                             constexprs=const), target=GPUTarget("cuda", 90, 32))
+print(k.asm["ptx"])
+'''
+
+
+def test_folded_split_k_orders_its_memory_accesses_in_ptx():
+    "In the PTX for sm_90: partials stored, a CTA barrier, the acq_rel GPU-scope atomic, then L1-bypassing loads."
+    import os, re, subprocess, sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _FOLD_PTX], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln.strip() for ln in r.stdout.splitlines()]
+    def first(pattern, start=0):
+        return next(i for i in range(start, len(lines)) if re.search(pattern, lines[i]))
+    store = first(r"^(@%p\d+ )?st\.global.*\.(f32|b32)")          # a partial (fp32) stored
+    atom = first(r"atom\..*acq_rel\.gpu.*add|atom\.acq_rel\.gpu.*add|atom\.global\.gpu\.acq_rel\.add")
+    assert store < first(r"bar\.sync|barrier\.sync", store) < atom, "no barrier between the partial's stores and the atomic"
+    assert first(r"ld\.global\.cg", atom) > atom                     # partials read past L1, after the atomic
 
 
 def test_gemv_passes_tritons_compiler_for_hopper():

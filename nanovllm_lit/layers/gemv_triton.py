@@ -11,7 +11,8 @@ import triton.language as tl
 from .linear import GEMV_MAX_M
 
 # %% auto #0
-__all__ = ['GEMV_DTYPES', 'GEMV_TOLERANCE', 'GEMV_CONFIG', 'gemv_reference', 'gemv_error', 'm_bucket', 'gemv_config', 'gemv']
+__all__ = ['GEMV_DTYPES', 'GEMV_TOLERANCE', 'GEMV_CONFIG', 'gemv_reference', 'gemv_error', 'm_bucket', 'gemv_config',
+           'split_locks', 'gemv']
 
 # %% ../../nbs/09a_gemv.ipynb #863996e8
 GEMV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,10 +62,25 @@ def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
     return acc
 
 # %% ../../nbs/09a_gemv.ipynb #c3266e60
+@triton.jit
+def _fold_splits(part_ptr, b_ptr, y_ptr, lock_ptr, M, N, pid_n, m, n, mask,
+                 BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
+    "The last program of column block `pid_n` to store its partial adds all S, in order, and re-zeroes the counter."
+    S = tl.num_programs(1)
+    tl.debug_barrier()                                            # every thread's share of the partial is stored
+    done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")      # ... before the count of finished slices rises
+    if done == S - 1:                                             # the others are all done: their partials are in
+        acc = tl.zeros([BM, BN], tl.float32)
+        for s in range(0, S):                                     # the order of _sum_splits_kernel: same bits
+            acc += tl.load(part_ptr + (s * M + m) * N + n, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS: acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(lock_ptr + pid_n, 0)                             # ready for the next call, or graph replay
+
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_len,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, y_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, k_len,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if DOT:
         acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST)
@@ -75,9 +91,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_
     mask = (m < M) & (n < N)
     if PARTIAL:                                                  # split-K: partials (S, M, N), fp32
         tl.store(out_ptr + (pid_k * M + m) * N + n, acc, mask=mask)
+        if FOLD: _fold_splits(out_ptr, b_ptr, y_ptr, lock_ptr, M, N, pid_n, m, n, mask, BM, BN, HAS_BIAS)
     else:                                                        # y (M, N) in x's dtype, bias added here
         if HAS_BIAS: acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit(do_not_specialize=["M", "S"])
 def _sum_splits_kernel(part_ptr, b_ptr, y_ptr, M, N, S, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -111,10 +128,22 @@ def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, device="cpu") -> dic
     num_warps = 4 if dot or bm == 1 or dtype == torch.float32 else 8   # 8 warps: BM x BN x BK / 256 = 32 per thread
     tiles, steps = -(-N // block_n), -(-K // block_k)
     split_k = max(1, min(-(-2 * _sm_count(device) // tiles), steps // 2, 8))
-    cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=3, dot=dot)
+    cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=3, dot=dot,
+               fold=True)
     return {**cfg, **GEMV_CONFIG.get((N, K, bm), {})}
 
 # %% ../../nbs/09a_gemv.ipynb #e8290067
+_LOCKS: dict = {}            # device -> int32 counters for split-K folding, all zero between calls
+_MAX_LOCKS = 1 << 16
+
+def split_locks(device) -> torch.Tensor | None:
+    "The device's split-K counters; None while a CUDA graph is being recorded before they exist (no allocation then)."
+    device = torch.device(device)
+    if device not in _LOCKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing(): return None
+        _LOCKS[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
+    return _LOCKS[device]
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     "y = x @ weight.T (+ bias) for x (M, K), 1 <= M <= GEMV_MAX_M, weight (N, K): fp32 accumulation, x's dtype."
     if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1):
@@ -131,13 +160,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     dot = bool(cfg["dot"]) and x.dtype != torch.float32
     bn, bk = cfg["block_n"], cfg["block_k"]
     k_len = triton.cdiv(triton.cdiv(K, cfg["split_k"]), bk) * bk   # K per program, in whole BK steps
-    split = triton.cdiv(K, k_len)                                 # subtle: never an empty slice
+    split, blocks = triton.cdiv(K, k_len), triton.cdiv(N, bn)     # subtle: never an empty slice
     out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    locks = split_locks(x.device) if split > 1 and cfg.get("fold", True) and blocks <= _MAX_LOCKS else None
     b = bias if bias is not None else y                           # a pointer that is not read
-    _gemv_kernel[(triton.cdiv(N, bn), split)](
-        x, weight, b, out, M, N, K, x.stride(0), weight.stride(0), k_len, BM=max(m_bucket(M), 16) if dot else m_bucket(M),
-        BN=bn, BK=bk, DOT=dot, UPCAST=INTERPRET, PARTIAL=split > 1, HAS_BIAS=bias is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
+    _gemv_kernel[(blocks, split)](
+        x, weight, b, out, y, y if locks is None else locks, M, N, K, x.stride(0), weight.stride(0), k_len,
+        BM=max(m_bucket(M), 16) if dot else m_bucket(M), BN=bn, BK=bk, DOT=dot, UPCAST=INTERPRET, PARTIAL=split > 1,
+        HAS_BIAS=bias is not None, FOLD=locks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1 and locks is None:
         _sum_splits_kernel[(M, triton.cdiv(N, 1024))](out, b, y, M, N, split, BN=1024, HAS_BIAS=bias is not None)
     return y
