@@ -5,7 +5,8 @@ feed_pending writing into the buffers, inference mode — is the code the GPU ru
 import pytest
 import torch
 from nanovllm_lit.engine.llm_engine import LLMEngine
-from nanovllm_lit.engine.model_runner import graph_batch_sizes
+import numpy as np
+from nanovllm_lit.engine.model_runner import decode_buffers, graph_batch_sizes, pack_decode
 from nanovllm_lit.sampling_params import SamplingParams
 from nanovllm_lit.utils.context import get_context, set_context
 from nanovllm_lit.utils.testing import make_tiny_qwen3
@@ -51,7 +52,15 @@ def run(ckpt, staged: bool, samples: bool = True, sp=None, full: bool = False, p
         copies = []
         if staged:
             stage = r.stage_decode
-            r.stage_decode = lambda seqs: (copies.append(len(seqs)), stage(seqs))[1]
+            def checked_stage(seqs):
+                out = stage(seqs)                         # the kept rows (DecodeRows) == a fresh pack, every step
+                _, fresh = decode_buffers(r.graph_bs[-1], r.graph_vars["block_tables"].size(1), "cpu")
+                pack_decode(seqs, r.block_size, fresh, seed=int(r._rows.v["seed"][0]))
+                bad = [k for k in fresh if not np.array_equal(r._rows.v[k], fresh[k].numpy())]
+                assert not bad, f"rows kept between steps differ from a fresh pack in {bad}"
+                copies.append(len(seqs))
+                return out
+            r.stage_decode = checked_stage
         sp = sp or [SamplingParams(temperature=0, max_tokens=10 + 7 * i, ignore_eos=True) for i in range(len(prompts))]
         out = llm.generate(prompts, sp, use_tqdm=False)
         out = out if full else [o["token_ids"] for o in out]
@@ -138,3 +147,14 @@ def test_graph_sampler_honours_each_rows_temperature_and_seed(ckpt):
     assert a == b and a != c                                # the seeds come from torch's CPU generator
     twins = sampled(2, [PROMPTS[0]] * 4, [hot] * 4)          # one prompt four times: each row draws its own noise
     assert len({tuple(t) for t in twins}) > 1, twins
+
+
+
+@pytest.mark.parametrize("num_kvcache_blocks", [None, 12])
+def test_speculative_verify_replays_graphs_with_the_sampler_inside(ckpt, num_kvcache_blocks):
+    "n-gram speculation: verify rows replay the graphs through their unstaged inputs; the logits they keep == eager's."
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    kw = dict(overlap_scheduling=False, num_kvcache_blocks=num_kvcache_blocks, speculative_config=spec)
+    eager, _, _ = run(ckpt, False, **kw)
+    staged, copies, replays = run(ckpt, True, **kw)
+    assert staged == eager and replays > 0 and not copies      # every decode step here is a verify pass

@@ -23,7 +23,7 @@ from ..utils.patch import patch_to
 # %% auto #0
 __all__ = ['prepare_block_tables', 'slots_of', 'prepare_prefill', 'prepare_decode', 'prepare_sample', 'torch_dtype',
            'kv_cache_block_bytes', 'gpu_kv_budget', 'RunnerSetup', 'init_dummy_weights', 'ModelRunner',
-           'graph_batch_sizes', 'decode_buffers', 'pack_decode', 'staging_buffer']
+           'graph_batch_sizes', 'decode_buffers', 'pack_decode', 'staging_buffer', 'DecodeRows']
 
 # %% ../../nbs/08_model_runner.ipynb #7df5ba0b
 def _tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
@@ -273,6 +273,7 @@ def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Ten
     "Prefill inputs of `seqs` on this runner's device; sets the `Context`."
     input_ids, positions, context = prepare_prefill(seqs, self.block_size, self.device)
     self._staged = None
+    if self.graphs: self._rows.forget(seqs)                       # their blocks may be new (see DecodeRows)
     set_context(True, **context)
     return input_ids, positions
 
@@ -285,6 +286,7 @@ def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tens
     width = -(-self.config.max_model_len // self.block_size) if self.device.type == "cuda" else None
     input_ids, positions, context = prepare_decode(seqs, self.block_size, self.device, width)
     self._staged = None
+    if self.graphs: self._rows.reset()                            # not staged: the kept rows may go stale
     set_context(False, **context)
     return input_ids, positions
 
@@ -412,10 +414,10 @@ def staging_buffer(max_bs: int, width: int, cuda: bool = True) -> tuple[torch.Te
 def setup_decode_buffers(self, max_bs: int, width: int) -> None:
     "The graphs' input buffers (`graph_vars`, every row padding) and two host twins, used in turn."
     self._staging = [staging_buffer(max_bs, width, self.device.type == "cuda") for _ in range(2)]
+    self._master, master_views = decode_buffers(max_bs, width, "cpu")   # the rows kept between steps (below)
+    self._rows = DecodeRows(master_views, self.block_size)        # every row: read and write nothing
     packed, inputs = decode_buffers(max_bs, width, self.device)
-    host, views, _ = self._staging[0]
-    pack_decode([], self.block_size, views)                       # every row: read and write nothing
-    packed.copy_(host)
+    packed.copy_(self._master)
     self.graph_vars = dict(packed=packed, **inputs, outputs=torch.zeros(
         max_bs, self.config.hf_config.hidden_size, dtype=self.dtype, device=self.device))
 
@@ -426,13 +428,79 @@ def stage_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor
     self._staging.append(self._staging.pop(0))                  # the twin used two steps ago
     host, views, copied = self._staging[-1]
     if copied is not None: copied.synchronize()                   # its last copy has run: safe to overwrite
-    pack_decode(seqs, self.block_size, views, seed=int(torch.randint(0, 2**31 - 1, (1,))))  # the sampler's
+    self._rows.update(seqs, seed=int(torch.randint(0, 2**31 - 1, (1,))))   # "Only the rows that changed"; the seed:
+    host.copy_(self._master)                                      # ... "The LM head and the sampler in the graph"
     v, n, self._staged = self.graph_vars, len(seqs), seqs
     v["packed"].copy_(host, non_blocking=True)                    # the step's only host->device copy
     if copied is not None: copied.record()
     set_context(False, slot_mapping=v["slot_mapping"][:n], context_lens=v["context_lens"][:n],
                 block_tables=v["block_tables"][:n])
     return v["input_ids"][:n], v["positions"][:n]
+
+# %% ../../nbs/08_model_runner.ipynb #798f0728
+import numpy as np
+
+class DecodeRows:
+    "The graphs' decode inputs kept on the host between steps (views of one buffer); `update` rewrites what changed."
+    def __init__(self, views: dict, block_size: int):
+        self.v = {name: view.numpy() for name, view in views.items()}
+        self.block_size, self.max_bs = block_size, len(self.v["input_ids"])
+        self.table_lens = np.zeros(self.max_bs, np.int64)     # block ids held by each row's table
+        self.reset()
+
+    def reset(self) -> None:
+        "Forget every row: the next `update` writes them all."
+        self.seq_ids: list[int] = []
+        v = self.v
+        for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("context_lens", 0),
+                          ("temperatures", 0.0), ("block_tables", -1)): v[name][:] = pad
+        self.table_lens[:] = 0
+
+    def forget(self, seqs) -> None:
+        "These sequences were prefilled: their rows, if any, are stale (their blocks may be new)."
+        gone = {seq.seq_id for seq in seqs}
+        if any(sid in gone for sid in self.seq_ids): self.seq_ids = [s if s not in gone else -1 for s in self.seq_ids]
+
+    def _write_table(self, row: int, table: list[int]) -> None:
+        t = self.v["block_tables"][row]
+        t[:len(table)] = table
+        t[len(table):] = -1
+        self.table_lens[row] = len(table)
+
+# %% ../../nbs/08_model_runner.ipynb #305334f0
+@patch_to(DecodeRows)
+def _move_rows(self, seqs: list[Sequence], ids: list[int]) -> None:
+    "Rows for a new list of sequences: each one's old row where it had one, else written anew; padding past them."
+    v, n = self.v, len(seqs)
+    old = {sid: j for j, sid in enumerate(self.seq_ids) if sid >= 0}
+    src = np.fromiter((old.get(sid, -1) for sid in ids), np.int64, n)
+    keep = src >= 0
+    tables, temps, lens = v["block_tables"][src[keep]], v["temperatures"][src[keep]], self.table_lens[src[keep]]
+    v["block_tables"][:n][keep], v["temperatures"][:n][keep], self.table_lens[:n][keep] = tables, temps, lens
+    for row in np.flatnonzero(~keep):                          # joined (or came back): from the sequence
+        self._write_table(row, seqs[row].block_table)
+        v["temperatures"][row] = seqs[row].temperature
+    for name, pad in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("context_lens", 0),
+                      ("temperatures", 0.0), ("block_tables", -1)): v[name][n:] = pad   # read and write nothing
+    self.table_lens[n:] = 0
+    self.seq_ids = ids
+
+@patch_to(DecodeRows)
+def update(self, seqs: list[Sequence], seed: int = 0) -> None:
+    "Make rows [:len(seqs)] hold `seqs`' decode inputs and the rest padding, as `pack_decode` would write them."
+    v, n, bs = self.v, len(seqs), self.block_size
+    ids = [seq.seq_id for seq in seqs]
+    if ids != self.seq_ids: self._move_rows(seqs, ids)
+    lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, n)
+    last = np.fromiter((seq.block_table[-1] for seq in seqs), np.int64, n)
+    rows = np.arange(n)
+    stale = (lens != self.table_lens[:n]) | (v["block_tables"][rows, np.maximum(lens, 1) - 1] != last)
+    for row in np.flatnonzero(stale): self._write_table(row, seqs[row].block_table)
+    pos = np.fromiter((seq.num_tokens for seq in seqs), np.int64, n) - 1
+    v["input_ids"][:n] = [seq.last_token for seq in seqs]
+    v["positions"][:n], v["context_lens"][:n] = pos, pos + 1
+    v["slot_mapping"][:n] = v["block_tables"][rows, pos // bs] * bs + pos % bs
+    v["seed"][0] = seed
 
 # %% ../../nbs/08_model_runner.ipynb #ed7a653f
 @patch_to(ModelRunner)
