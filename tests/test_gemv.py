@@ -149,6 +149,7 @@ def test_tiny_model_logits_equal_with_the_gemv_forced(arch, tmp_path, monkeypatc
     with force_gemv(): hidden, logits = run()
     n_linear = 4 * cfg.num_hidden_layers + 1                             # qkv, o, gate_up, down per layer; lm_head
     assert len(calls) == n_linear and calls[-1] == (3, cfg.hidden_size)  # the LM head: the 3 last tokens
+    assert calls[3] == (14, 2 * cfg.intermediate_size)                   # down_proj read [gate | up]: SiLU fused
     assert logits.shape == (3, cfg.vocab_size)
     scale = ref_logits.abs().max().item()
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * scale)
@@ -170,8 +171,9 @@ types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", y_ptr
 for bm, bn, dot in ((1, 16, False), (4, 8, False), (16, 64, True)):
     for partial, bias, fold in ((False, True, False), (True, False, False), (True, True, True), (True, False, True)):
         t = {**types, "out_ptr": "*fp32"} if partial else types
-        build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=256, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
-                                      FOLD=fold))
+        for act in (False, True):
+            build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=256, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
+                                          FOLD=fold, ACT=act))
 build(g._sum_splits_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", S="i32"),
       dict(BN=1024, HAS_BIAS=True))
 print("compiled")
@@ -184,7 +186,7 @@ from triton.backends.compiler import GPUTarget
 from nanovllm_lit.layers import gemv_triton as g
 types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", y_ptr="*bf16", lock_ptr="*i32", M="i32",
              N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32")
-const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True)
+const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True, ACT=False)
 sig = {**types, **{k: "constexpr" for k in const}}
 k = triton.compile(ASTSource(fn=g._gemv_kernel, signature={n: sig[n] for n in g._gemv_kernel.arg_names},
                              constexprs=const), target=GPUTarget("cuda", 90, 32))
@@ -215,3 +217,25 @@ def test_gemv_passes_tritons_compiler_for_hopper():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-c", _GEMV_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_fused_activation_switch_and_tp_partial_sums(tmp_path, monkeypatch):
+    "NANOVLLM_LIT_FUSED_ACT=0 keeps SiLU·mul as its own step; on, down_proj's fused GEMV == the unfused one."
+    from nanovllm_lit.layers.linear import force_gemv, uses_gemv_silu_mul
+    from nanovllm_lit.models.qwen3 import Qwen3MLP
+    torch.manual_seed(3)
+    mlp = Qwen3MLP(32, 48, bias=True)
+    for p in mlp.parameters(): torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        plain = mlp(x)                                                   # the CPU: no GEMV, no fusion
+        assert not uses_gemv_silu_mul(mlp.gate_up_proj(x), mlp.down_proj.weight)
+        with force_gemv():
+            assert uses_gemv_silu_mul(mlp.gate_up_proj(x), mlp.down_proj.weight, mlp.down_proj.bias)
+            fused = mlp(x)
+            monkeypatch.setenv("NANOVLLM_LIT_FUSED_ACT", "0")
+            assert not uses_gemv_silu_mul(mlp.gate_up_proj(x), mlp.down_proj.weight)
+            unfused = mlp(x)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fused, torch.zeros_like(fused))

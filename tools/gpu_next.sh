@@ -6,7 +6,8 @@
 #                                   09a's GEMV (no sweep), and the engine
 #                                   checks that run the kernel backends against HF and the torch backend
 #   bash tools/gpu_next.sh bench    the three workloads with everything on (--profile), then batch 1 and
-#                                   256x512/512 with the GEMV, the fused epilogue and the graph's sampler off
+#                                   256x512/512 with the GEMV (and its fused SiLU), the fused epilogue and the graph's
+#                                   sampler off
 #   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -31,7 +32,7 @@ case "${1:-check}" in
   bench)
     timeout 330 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -60
-    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
+    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 NANOVLLM_LIT_FUSED_ACT=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
       > "$OUT/bench_off.log" 2>&1; echo "bench (GEMV, fused epilogue, graph sampler off) rc $?"; grep -v Warning "$OUT/bench_off.log" | tail -12 ;;
   sampler)
     NANOVLLM_LIT_GRAPH_SAMPLER=0 timeout 280 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 --profile \

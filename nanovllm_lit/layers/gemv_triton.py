@@ -30,8 +30,17 @@ def gemv_error(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
 
 # %% ../../nbs/09a_gemv.ipynb #1afec121
 @triton.jit
+def _load_x(x_ptr, offs, mask, K, ACT: tl.constexpr):
+    "A tile of x; with ACT, of silu(gate) * up from x = [gate | up] (M, 2K), in fp32 and rounded to x's dtype."
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if ACT:                                                      # the activation, read on the way in (below)
+        gate, up = x.to(tl.float32), tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+    return x
+
+@triton.jit
 def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
     "sum over k in [k_start, k_start + k_len) of x[m, k] * w[n, k], on CUDA cores: (BM, BN) fp32."
     m = tl.arange(0, BM)[:, None, None]                          # (BM, 1, 1)
     n = (pid_n * BN + tl.arange(0, BN))[None, :, None]           # (1, BN, 1)
@@ -40,13 +49,13 @@ def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
     for k0 in range(0, k_len, BK):
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (1, BN, BK)
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=(m < M) & (kk < K), other=0.0)                # (BM, 1, BK)
+        x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, 1, BK)
         acc += x.to(tl.float32) * w.to(tl.float32)
     return tl.sum(acc, 2)                                         # subtle: one reduction over K, after the loop
 
 @triton.jit
 def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ACT: tl.constexpr):
     "The same sum on tensor cores (BM >= 16; bf16 or fp16 inputs): (BM, BN) fp32."
     m = tl.arange(0, BM)[:, None]                                # (BM, 1)
     n = (pid_n * BN + tl.arange(0, BN))[:, None]                 # (BN, 1)
@@ -55,7 +64,7 @@ def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
     for k0 in range(0, k_len, BK):
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (BN, BK)
-        x = tl.load(x_ptr + m * stride_xm + kk, mask=(m < M) & (kk < K), other=0.0)                # (BM, BK)
+        x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, BK)
         if UPCAST:                 # subtle: Triton's interpreter multiplies bf16 tiles as integers; fp32 is exact
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)                        # (BM, BK) @ (BK, BN)
@@ -80,12 +89,12 @@ def _fold_splits(part_ptr, b_ptr, y_ptr, lock_ptr, M, N, pid_n, m, n, mask,
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, y_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, k_len,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr):
+                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, ACT: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if DOT:
-        acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST)
+        acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST, ACT)
     else:
-        acc = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK)
+        acc = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, ACT)
     m = tl.arange(0, BM)[:, None]
     n = pid_n * BN + tl.arange(0, BN)[None, :]
     mask = (m < M) & (n < N)
@@ -144,11 +153,16 @@ def split_locks(device) -> torch.Tensor | None:
         _LOCKS[device] = torch.zeros(_MAX_LOCKS, dtype=torch.int32, device=device)
     return _LOCKS[device]
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None,
+         act: str | None = None) -> torch.Tensor:
     "y = x @ weight.T (+ bias) for x (M, K), 1 <= M <= GEMV_MAX_M, weight (N, K): fp32 accumulation, x's dtype."
-    if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1):
-        raise ValueError(f"gemv: x (M, K) and weight (N, K) expected, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    (M, K), N = x.shape, weight.size(0)
+    # act="silu_mul": x is [gate | up] (M, 2K) and y = (silu(gate) * up) @ weight.T (see "The activation ...")
+    if act not in (None, "silu_mul"): raise ValueError(f"gemv: act must be None or 'silu_mul', got {act!r}")
+    width = weight.size(-1) * (2 if act else 1)
+    if x.dim() != 2 or weight.dim() != 2 or x.size(1) != width:
+        raise ValueError(f"gemv: x (M, {'2K' if act else 'K'}) and weight (N, K) expected, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    M, (N, K) = x.size(0), weight.shape
     if not 1 <= M <= GEMV_MAX_M: raise ValueError(f"gemv: 1 <= M <= {GEMV_MAX_M} rows, got {M}")
     if x.dtype not in GEMV_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"gemv: x, weight (and bias) of one dtype in {GEMV_DTYPES}, got {x.dtype}, {weight.dtype}")
@@ -167,7 +181,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(blocks, split)](
         x, weight, b, out, y, y if locks is None else locks, M, N, K, x.stride(0), weight.stride(0), k_len,
         BM=max(m_bucket(M), 16) if dot else m_bucket(M), BN=bn, BK=bk, DOT=dot, UPCAST=INTERPRET, PARTIAL=split > 1,
-        HAS_BIAS=bias is not None, FOLD=locks is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, FOLD=locks is not None, ACT=act is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and locks is None:
         _sum_splits_kernel[(M, triton.cdiv(N, 1024))](out, b, y, M, N, split, BN=1024, HAS_BIAS=bias is not None)
     return y

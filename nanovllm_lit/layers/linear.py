@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['GEMV_MAX_M', 'get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide', 'LinearBase',
-           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'ReplicatedLinear', 'ColumnParallelLinear',
-           'MergedColumnParallelLinear', 'QKVParallelLinear', 'RowParallelLinear']
+           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'uses_gemv_silu_mul', 'ReplicatedLinear',
+           'ColumnParallelLinear', 'MergedColumnParallelLinear', 'QKVParallelLinear', 'RowParallelLinear']
 
 # %% ../../nbs/09_linear.ipynb #141f3969
 _FAKE_TP: tuple[int, int] | None = None  # (rank, size) while inside `fake_tp`, else None
@@ -114,6 +114,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, x.size(-1))
     if x2.stride(-1) != 1: x2 = x2.contiguous()
     return gemv(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
+
+def uses_gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    "Whether `linear(silu(gate) * up, weight, bias)` may run as one GEMV reading `gate_up` = [gate | up] (09a)."
+    k = weight.size(-1) if weight.dim() == 2 else -1     # switch: NANOVLLM_LIT_FUSED_ACT=0 keeps the two kernels
+    return (gate_up.dim() > 0 and gate_up.size(-1) == 2 * k and uses_gemv(gate_up[..., :k], weight, bias)
+            and os.environ.get("NANOVLLM_LIT_FUSED_ACT", "1") != "0")
 
 # %% ../../nbs/09_linear.ipynb #d8031c22
 class ReplicatedLinear(LinearBase):
@@ -228,5 +234,14 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in / tp_size) -> y: (..., out), a partial sum until reduced
         y = linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # NOTE: bias added once, by rank 0
+        if self.tp_size > 1 and self.collectives: dist.all_reduce(y)
+        return y
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        "`forward(silu(gate) * up)` for gate_up = [gate | up]: the GEMV computes the activation as it reads (09a)."
+        from nanovllm_lit.layers.gemv_triton import gemv   # only where `uses_gemv_silu_mul` said yes
+        g2 = gate_up.reshape(-1, gate_up.size(-1))
+        y = gemv(g2 if g2.stride(-1) == 1 else g2.contiguous(), self.weight,
+                 self.bias if self.tp_rank == 0 else None, act="silu_mul").view(*gate_up.shape[:-1], -1)
         if self.tp_size > 1 and self.collectives: dist.all_reduce(y)
         return y

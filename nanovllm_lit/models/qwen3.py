@@ -10,7 +10,7 @@ from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention
 from ..layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from ..layers.layernorm import RMSNorm
-from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, uses_gemv_silu_mul
 from ..layers.rotary_embedding import check_rope_scaling, get_rope, rope_scaling_of, rope_theta_of
 from ..utils.context import get_context
 
@@ -77,7 +77,10 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))             # (N, hidden) -> (N, 2I) -> (N, I) -> (N, hidden)
+        gate_up = self.gate_up_proj(x)                                       # (N, hidden) -> (N, 2I)
+        if uses_gemv_silu_mul(gate_up, self.down_proj.weight, self.down_proj.bias):   # few rows, GPU: chapter 09a
+            return self.down_proj.forward_silu_mul(gate_up)                  # the activation read by the GEMV
+        return self.down_proj(self.act_fn(gate_up))                          # (N, 2I) -> (N, I) -> (N, hidden)
 
 # %% ../../nbs/15_qwen3.ipynb #d06a36f6
 class Qwen3DecoderLayer(nn.Module):
