@@ -357,3 +357,39 @@ def test_interpreter_works_when_triton_was_imported_first():
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+_DECODE_FOR_HOPPER = r'''
+import re, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nanovllm_lit.layers import triton_kernels as tk
+assert not tk.INTERPRET
+fn = tk._decode_kernel
+types = dict(q_ptr="*bf16", q_stride_b="i32", q_stride_h="i32", k_cache_ptr="*bf16", v_cache_ptr="*bf16",
+             c_stride_slot="i32", c_stride_h="i32", block_tables_ptr="*i32", bt_stride="i32", context_lens_ptr="*i32",
+             out_ptr="*bf16", o_stride_b="i32", o_stride_h="i32", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+             qk_scale="fp32", lock_ptr="*i32")
+for fold in (False, True):
+    const = dict(H=16, GROUP=2, GROUP_P=16, D=128, D_P=128, BLOCK_SIZE=256, BLOCK_N=64, NUM_SPLITS=33,
+                 PRECISION="tf32", FOLD=fold, SPLITS_P=64)
+    sig = {**types, **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32))
+ptx = [ln.strip() for ln in k.asm["ptx"].splitlines()]
+atom = next(i for i, ln in enumerate(ptx) if re.search(r"atom\..*acq_rel.*add", ln))
+last_store = max(i for i, ln in enumerate(ptx[:atom]) if re.search(r"st\.global", ln))
+last_barrier = max(i for i, ln in enumerate(ptx[:atom]) if re.search(r"bar\.sync|barrier\.sync", ln))
+assert last_store < last_barrier, "no barrier between the partials' stores and the atomic"
+assert any("ld.global.cg" in ln for ln in ptx[atom:]), "the partials are not read past L1 after the atomic"
+print("compiled")
+'''
+
+
+def test_decode_kernel_with_merge_in_last_split_compiles_for_hopper():
+    "10a's decode kernel, merge folded in or not, compiles for sm_90; the fold's PTX has barrier -> atomic -> .cg loads."
+    import os, subprocess, sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _DECODE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; d
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "${1:-check}" in
   check)
-    for ch in 12b_qkv_epilogue 14b_sampler_kernel 08_model_runner; do
+    for ch in 12b_qkv_epilogue 14b_sampler_kernel 08_model_runner 10a_triton_kernels; do
       timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
       grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -8
     done

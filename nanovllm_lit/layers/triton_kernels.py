@@ -29,8 +29,8 @@ def _rebuild_lang_for_interpreter():
 if INTERPRET: _rebuild_lang_for_interpreter()
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'decode_num_splits', 'decode_attention',
-           'prefill_attention', 'benchmark_decode']
+__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'decode_num_splits', 'merge_locks',
+           'decode_attention', 'prefill_attention', 'benchmark_decode']
 
 # %% ../../nbs/10a_triton_kernels.ipynb #411f1761
 @triton.jit
@@ -86,9 +86,10 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
                    k_cache_ptr, v_cache_ptr, c_stride_slot, c_stride_h,
                    block_tables_ptr, bt_stride, context_lens_ptr,
                    out_ptr, o_stride_b, o_stride_h,
-                   part_o_ptr, part_lse_ptr, qk_scale,
+                   part_o_ptr, part_lse_ptr, qk_scale, lock_ptr,
                    H: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+                   FOLD: tl.constexpr = False, SPLITS_P: tl.constexpr = 1):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,6 +131,9 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
         row = (b * H + heads) * NUM_SPLITS + split
         tl.store(part_o_ptr + row[:, None] * D_P + offs_d[None, :], o, mask=gd_mask)
         tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
+        if FOLD:                                                   # the merge, by the last split (see below)
+            _merge_in_last_split(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h, lock_ptr, b, kvh, heads,
+                                 offs_g, offs_d, gd_mask, H, GROUP, D, D_P, NUM_SPLITS, SPLITS_P)
 
 # %% ../../nbs/10a_triton_kernels.ipynb #f05e3608
 @triton.jit
@@ -151,6 +155,33 @@ def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_strid
                  mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < D), other=0.0)
     o = tl.sum(po * w[:, None], 0) / denom
     tl.store(out_ptr + b * o_stride_b + h * o_stride_h + offs_d, o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+# %% ../../nbs/10a_triton_kernels.ipynb #cc14f457
+@triton.jit
+def _merge_in_last_split(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h, lock_ptr, b, kvh, heads,
+                         offs_g, offs_d, gd_mask, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                         D_P: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
+    "If this is the last split of (b, kvh) to finish: merge every split of its query heads into `out`, re-zero the count."
+    lock = lock_ptr + b * tl.num_programs(1) + kvh
+    tl.debug_barrier()                                             # every thread's partials are stored ...
+    if tl.atomic_add(lock, 1, sem="acq_rel") == NUM_SPLITS - 1:    # ... before the count rises; the last one merges
+        offs_s = tl.arange(0, SPLITS_P)
+        rows = (b * H + heads[:, None]) * NUM_SPLITS + offs_s[None, :]             # (GROUP_P, SPLITS_P)
+        lse = tl.load(part_lse_ptr + rows, mask=(offs_g[:, None] < GROUP) & (offs_s[None, :] < NUM_SPLITS),
+                      other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(lse, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)                   # every split empty: weights all 0, output 0
+        denom = tl.sum(tl.exp2(lse - m[:, None]), 1)
+        o = tl.zeros([heads.shape[0], D_P], tl.float32)
+        for s in range(0, NUM_SPLITS):                             # in order: the same bits whoever is last
+            row = (b * H + heads) * NUM_SPLITS + s
+            w = tl.exp2(tl.load(part_lse_ptr + row, mask=offs_g < GROUP, other=float("-inf"), cache_modifier=".cg") - m)
+            o += w[:, None] * tl.load(part_o_ptr + row[:, None] * D_P + offs_d[None, :], mask=gd_mask, other=0.0,
+                                      cache_modifier=".cg")
+        o = o / tl.where(denom > 0, denom, 1.0)[:, None]
+        tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        tl.store(lock, 0)                                          # ready for the next call, or graph replay
 
 # %% ../../nbs/10a_triton_kernels.ipynb #2a7b1a3a
 def _pow2_at_least_16(n: int) -> int:
@@ -179,7 +210,15 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
     want = triton.cdiv(2 * _num_sms(device), max(1, num_seqs * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_context, 2 * block_n), 64))
 
-DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2)
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, fold=True)   # fold: merge in the last split
+_MERGE_LOCKS: dict = {}
+
+def merge_locks(device, n: int) -> torch.Tensor | None:
+    "`n` zeroed int32 counters on `device` (kept; the kernel leaves them at zero); None if there is no room or a CUDA graph is being recorded before they exist."
+    if device not in _MERGE_LOCKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing(): return None
+        _MERGE_LOCKS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _MERGE_LOCKS[device] if n <= _MERGE_LOCKS[device].numel() else None
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None,
                      out=None, **config) -> torch.Tensor:
@@ -198,13 +237,15 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     if num_splits > 1:
         part_o = torch.empty(B * H * num_splits, D_P, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
+    locks = merge_locks(q.device, B * KVH) if num_splits > 1 and cfg["fold"] else None
     _decode_kernel[(B, KVH, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
         block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1),
-        part_o, part_lse, scale * math.log2(math.e),
+        part_o, part_lse, scale * math.log2(math.e), out if locks is None else locks,
         H, H // KVH, _pow2_at_least_16(H // KVH), D, D_P, BS, block_n, num_splits, _precision(q),
+        FOLD=locks is not None, SPLITS_P=triton.next_power_of_2(num_splits),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if num_splits > 1:
+    if num_splits > 1 and locks is None:
         _decode_reduce_kernel[(B, H)](part_o, part_lse, out, out.stride(0), out.stride(1), H, D, D_P,
                                       num_splits, triton.next_power_of_2(num_splits), num_warps=4)
     return out
