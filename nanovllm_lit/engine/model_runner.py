@@ -426,7 +426,7 @@ def setup_decode_buffers(self, max_bs: int, width: int) -> None:
 def stage_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
     "Decode inputs for a graph replay: packed on the host, one copy into the graphs' buffers; sets the `Context`."
     self._staging.append(self._staging.pop(0))                  # the twin used two steps ago
-    host, views, copied = self._staging[-1]
+    host, _, copied = self._staging[-1]
     if copied is not None: copied.synchronize()                   # its last copy has run: safe to overwrite
     self._rows.update(seqs, seed=int(torch.randint(0, 2**31 - 1, (1,))))   # "Only the rows that changed"; the seed:
     host.copy_(self._master)                                      # ... "The LM head and the sampler in the graph"
