@@ -359,7 +359,8 @@ def capture_cudagraph(self):
     max_bs = self.graph_bs[-1]
     width = -(-config.max_model_len // self.block_size)  # NOTE: covers the longest sequence there can be
     self.setup_decode_buffers(max_bs, width)                      # see "One copy per step" below
-    self.graph_samples = os.environ.get("NANOVLLM_LIT_GRAPH_SAMPLER", "1") != "0"   # see "The LM head and ..."
+    self.graph_samples = (os.environ.get("NANOVLLM_LIT_GRAPH_SAMPLER", "1") != "0"   # see "The LM head and ..."
+                          and self.world_size == 1)              # NOTE: TP keeps its gather outside (not yet checked)
     v = self.graph_vars
     for bs in reversed(self.graph_bs):  # largest first: the shared pool then fits every smaller graph
         graph = torch.cuda.CUDAGraph()
