@@ -158,3 +158,44 @@ def test_speculative_verify_replays_graphs_with_the_sampler_inside(ckpt, num_kvc
     eager, _, _ = run(ckpt, False, **kw)
     staged, copies, replays = run(ckpt, True, **kw)
     assert staged == eager and replays > 0 and not copies      # every decode step here is a verify pass
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+from nanovllm_lit.engine.model_runner import DecodeRows  # noqa: E402
+from nanovllm_lit.engine.sequence import Sequence  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 30))
+def test_kept_rows_equal_a_fresh_pack_under_random_changes(seed, steps):
+    "Sequences advance, cross blocks, join, leave, reorder, come back with new blocks, lose their last block: rows == a fresh pack."
+    import random
+    rng, bs, width, max_bs = random.Random(seed), 4, 8, 6
+    _, kept = decode_buffers(max_bs, width, "cpu")
+    rows, next_block, pool = DecodeRows(kept, bs), [100], []
+    def new_seq():
+        s = Sequence([rng.randrange(50) for _ in range(rng.randint(1, 9))], SamplingParams(temperature=rng.choice([0.0, 0.7])),
+                     block_size=bs)
+        s.block_table = [next_block[0] + i for i in range(-(-len(s) // bs))]; next_block[0] += 10
+        return s
+    live = [new_seq() for _ in range(rng.randint(1, max_bs))]
+    for _ in range(steps):
+        batch = live[:max_bs]
+        rows.update(batch, seed=7)
+        _, fresh = decode_buffers(max_bs, width, "cpu")
+        pack_decode(batch, bs, fresh, seed=7)
+        assert all(np.array_equal(rows.v[k], fresh[k].numpy()) for k in fresh)
+        for s in batch:                                            # the step's token, and a block where one starts
+            if len(s) < bs * width: s.append_token(rng.randrange(50))
+            if len(s.block_table) < -(-len(s) // bs): s.block_table.append(next_block[0]); next_block[0] += 1
+        op = rng.randrange(6)
+        if op == 0 and len(live) < max_bs: live.append(new_seq())                      # joins
+        elif op == 1 and len(live) > 1: pool.append(live.pop(rng.randrange(len(live))))  # leaves (preempted)
+        elif op == 2: rng.shuffle(live)                                                # reorders
+        elif op == 3 and len(live) > 1:    # preempted and prefilled again at once: new blocks, the same last one
+            s = live[0]
+            s.block_table[:-1] = [next_block[0] + i for i in range(len(s.block_table) - 1)]; next_block[0] += 10
+            rows.forget([s])
+        elif op == 4 and pool and len(live) < max_bs: live.append(pool.pop())          # comes back later
+        elif op == 5:                                              # a last block given back and another taken (08c)
+            s = rng.choice(live); s.block_table[-1] = next_block[0]; next_block[0] += 1
