@@ -1,7 +1,6 @@
 """Chapter 12b's fused QKV epilogue: the kernel against the chain of chapters 10-12 (Triton's interpreter on a CPU),
 its errors, and the engine on the triton backend (fused) against the torch backend (the unfused reference) for
 architectures with and without q/k norms."""
-import os
 import pytest
 import torch
 
