@@ -8,6 +8,7 @@
 #   bash tools/gpu_next.sh bench    the three workloads with everything on (--profile), then batch 1 and
 #                                   256x512/512 with the GEMV (and its fused SiLU), the fused epilogue and the graph's
 #                                   sampler off
+#   bash tools/gpu_next.sh quick    with little device time left: engine vs HF, 08/14b cells, batch 1 and 256x512/512
 #   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -34,11 +35,20 @@ case "${1:-check}" in
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -60
     NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 NANOVLLM_LIT_FUSED_ACT=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
       > "$OUT/bench_off.log" 2>&1; echo "bench (GEMV, fused epilogue, graph sampler off) rc $?"; grep -v Warning "$OUT/bench_off.log" | tail -12 ;;
+  quick)   # what fits one call when little device time is left: engine vs HF, 08 and 14b cells, two workloads
+    timeout 200 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    for ch in 08_model_runner 14b_sampler_kernel; do
+      timeout 90 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
+      grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -6
+    done
+    timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 --profile > "$OUT/bench.log" 2>&1
+    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -40 ;;
   sampler)
     NANOVLLM_LIT_GRAPH_SAMPLER=0 timeout 280 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 --profile \
       > "$OUT/bench_sampler_off.log" 2>&1; echo "bench (graph sampler off) rc $?"; grep -v Warning "$OUT/bench_sampler_off.log" | tail -40 ;;
   spec)
     timeout 300 python3 tests/gpu_spec_check.py --dtype float32 --eps 0.01 > "$OUT/spec_fp32.log" 2>&1; echo "spec rc $?"
     grep -v Warning "$OUT/spec_fp32.log" | tail -12 ;;
-  *) echo "unknown part ${1}: check | bench | sampler | spec"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec"; exit 2 ;;
 esac
