@@ -29,7 +29,7 @@ def _rebuild_lang_for_interpreter():
 if INTERPRET: _rebuild_lang_for_interpreter()
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'decode_num_splits', 'merge_locks',
+__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'merge_locks', 'decode_num_splits',
            'decode_attention', 'prefill_attention', 'benchmark_decode']
 
 # %% ../../nbs/10a_triton_kernels.ipynb #411f1761
@@ -183,6 +183,16 @@ def _merge_in_last_split(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride
                  o.to(out_ptr.dtype.element_ty), mask=gd_mask)
         tl.store(lock, 0)                                          # ready for the next call, or graph replay
 
+# %% ../../nbs/10a_triton_kernels.ipynb #449ce283
+_MERGE_LOCKS: dict = {}
+
+def merge_locks(device, n: int) -> torch.Tensor | None:
+    "`n` zeroed int32 counters on `device` (kept; the kernel leaves them at zero); None if there is no room or a CUDA graph is being recorded before they exist."
+    if device not in _MERGE_LOCKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing(): return None
+        _MERGE_LOCKS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _MERGE_LOCKS[device] if n <= _MERGE_LOCKS[device].numel() else None
+
 # %% ../../nbs/10a_triton_kernels.ipynb #2a7b1a3a
 def _pow2_at_least_16(n: int) -> int:
     "Tile size for a dimension of `n`: tl.dot needs powers of two, at least 16."
@@ -211,14 +221,6 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
     return max(1, min(want, triton.cdiv(max_context, 2 * block_n), 64))
 
 DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, fold=True)   # fold: merge in the last split
-_MERGE_LOCKS: dict = {}
-
-def merge_locks(device, n: int) -> torch.Tensor | None:
-    "`n` zeroed int32 counters on `device` (kept; the kernel leaves them at zero); None if there is no room or a CUDA graph is being recorded before they exist."
-    if device not in _MERGE_LOCKS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing(): return None
-        _MERGE_LOCKS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
-    return _MERGE_LOCKS[device] if n <= _MERGE_LOCKS[device].numel() else None
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None,
                      out=None, **config) -> torch.Tensor:
