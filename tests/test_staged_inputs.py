@@ -38,6 +38,8 @@ class StandInGraph:
 
 
 def install_stand_in_graphs(llm, samples: bool = True):
+    if samples and torch.cuda.is_available():     # the sampler kernel then compiles for the GPU: no CPU tensors
+        pytest.skip("stand-in graphs with the sampler need Triton's interpreter (a machine without CUDA)")
     r = llm.model_runner
     r.graph_samples = samples
     r.graph_bs = graph_batch_sizes(llm.config.max_num_seqs)

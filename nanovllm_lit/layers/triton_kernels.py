@@ -220,7 +220,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device
     want = triton.cdiv(2 * _num_sms(device), max(1, num_seqs * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_context, 2 * block_n), 64))
 
-DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, fold=True)   # fold: merge in the last split
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, fold=False)  # fold: merge in the last split (slower, below)
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float, num_splits: int | None = None,
                      out=None, **config) -> torch.Tensor:
