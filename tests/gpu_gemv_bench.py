@@ -116,7 +116,7 @@ def candidates(M):
     bm = m_bucket(M)
     out = []
     for split in (1, 2, 4, 8):
-        if bm >= 8:
+        if bm >= 2:                              # tensor cores, rows padded to 16
             for bn, bk, warps in ((32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4)):
                 out.append(dict(block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=3, dot=True))
         fma = {1: ((8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 512, 8), (4, 512, 4)),

@@ -168,11 +168,11 @@ def build(fn, types, const):
                    target=GPUTarget("cuda", 90, 32))
 types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", lock_ptr="*i32", M="i32", N="i32", K="i32",
              stride_xm="i32", stride_wn="i32", k_len="i32")
-for bm, bn, dot in ((1, 16, False), (4, 8, False), (16, 64, True)):
+for bm, bn, bk, dot in ((1, 4, 512, False), (4, 8, 256, False), (16, 32, 256, True), (16, 32, 128, True)):
     for partial, bias, fold in ((False, True, False), (True, False, False), (True, True, True), (True, False, True)):
         t = {**types, "out_ptr": "*fp32"} if partial else types
         for act in (False, True):
-            build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=256, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
+            build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=bk, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
                                           FOLD=fold, ACT=act))
 build(g._sum_splits_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", S="i32"),
       dict(BN=1024, HAS_BIAS=True))

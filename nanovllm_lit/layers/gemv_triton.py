@@ -115,7 +115,14 @@ def _sum_splits_kernel(part_ptr, b_ptr, y_ptr, M, N, S, BN: tl.constexpr, HAS_BI
     tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 # %% ../../nbs/09a_gemv.ipynb #8169b9c3
-GEMV_CONFIG: dict[tuple[int, int, int], dict] = {}   # (N, K, BM) -> config keys to override; the GPU sweep prints them
+_ONE_ROW = dict(block_n=4, block_k=512, split_k=1, num_warps=4, dot=False)
+_DOT = dict(block_n=32, block_k=256, num_warps=4, dot=True)
+# (N, K, BM) -> config keys that override the heuristic: the sweep's best on an H100 (2026-12-06), Qwen3-0.6B
+GEMV_CONFIG: dict[tuple[int, int, int], dict] = {
+    (1024, 3072, 1): dict(_ONE_ROW, split_k=4),                                     # down_proj: 256 row blocks
+    **{(n, k, bm): dict(_DOT, block_k=128, split_k=8) for (n, k) in ((1024, 3072),) for bm in (2, 4, 8, 16)},
+    **{(n, k, bm): dict(_DOT, split_k=1) for (n, k) in ((4096, 1024), (6144, 1024)) for bm in (2, 4, 8, 16)},
+}
 _SMS: dict = {}
 
 def m_bucket(M: int) -> int:
@@ -130,16 +137,14 @@ def _sm_count(device) -> int:
 
 def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, device="cpu") -> dict:
     "Tiles, warps and split-K for (M, K) x (N, K)^T: the heuristic, updated by GEMV_CONFIG's entry for (N, K, BM)."
-    bm = m_bucket(M)
-    dot = bm >= 8 and dtype != torch.float32                    # tensor cores from 8 rows (fp32: tf32, no)
-    block_k = 128 if dtype == torch.float32 else 256             # 32 lanes x 16 bytes
-    block_n = 64 if dot else {1: 16, 2: 16, 4: 8}.get(bm, 2)
-    num_warps = 4 if dot or bm == 1 or dtype == torch.float32 else 8   # 8 warps: BM x BN x BK / 256 = 32 per thread
-    tiles, steps = -(-N // block_n), -(-K // block_k)
-    split_k = max(1, min(-(-2 * _sm_count(device) // tiles), steps // 2, 8))
-    cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=3, dot=dot,
-               fold=True)
-    return {**cfg, **GEMV_CONFIG.get((N, K, bm), {})}
+    bm, sms = m_bucket(M), _sm_count(device)
+    if dtype == torch.float32:                                   # CUDA cores (tensor cores would round to tf32)
+        cfg = dict(block_n={1: 16, 2: 16, 4: 8}.get(bm, 2), block_k=128, num_warps=4, dot=False)
+    else: cfg = dict(_ONE_ROW if bm == 1 else _DOT)              # 2..16 rows: tensor cores, rows padded to 16
+    tiles, steps = -(-N // cfg["block_n"]), -(-K // cfg["block_k"])
+    per_sm = 1 if bm == 1 and dtype != torch.float32 else 2      # narrow one-row tiles: programs enough already
+    cfg["split_k"] = max(1, min(-(-per_sm * sms // tiles), steps // 2, 8))
+    return {**cfg, "num_stages": 3, "fold": True, **GEMV_CONFIG.get((N, K, bm), {})}
 
 # %% ../../nbs/09a_gemv.ipynb #e8290067
 _LOCKS: dict = {}            # device -> int32 counters for split-K folding, all zero between calls
