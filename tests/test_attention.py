@@ -370,12 +370,24 @@ types = dict(q_ptr="*bf16", q_stride_b="i32", q_stride_h="i32", k_cache_ptr="*bf
              c_stride_slot="i32", c_stride_h="i32", block_tables_ptr="*i32", bt_stride="i32", context_lens_ptr="*i32",
              out_ptr="*bf16", o_stride_b="i32", o_stride_h="i32", part_o_ptr="*fp32", part_lse_ptr="*fp32",
              qk_scale="fp32", lock_ptr="*i32")
-for fold in (False, True):
-    const = dict(H=16, GROUP=2, GROUP_P=16, D=128, D_P=128, BLOCK_SIZE=256, BLOCK_N=64, NUM_SPLITS=33,
-                 PRECISION="tf32", FOLD=fold, SPLITS_P=64)
-    sig = {**types, **{k: "constexpr" for k in const}}
-    k = triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32))
+for pdl in (True, False):
+    for fold in (False, True):
+        const = dict(H=16, GROUP=2, GROUP_P=16, D=128, D_P=128, BLOCK_SIZE=256, BLOCK_N=64, NUM_SPLITS=33,
+                     PRECISION="tf32", FOLD=fold, SPLITS_P=64, PDL=pdl)
+        sig = {**types, **{k: "constexpr" for k in const}}
+        k = triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
+                           target=GPUTarget("cuda", 90, 32))
+        ptx = k.asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+        if pdl:                                    # PDL: the wait comes before the kernel reads or writes anything
+            wait = ptx.index("griddepcontrol.wait")
+            assert all(ptx.find(op) == -1 or ptx.find(op) > wait for op in ("ld.global", "st.global"))
+red = tk._decode_reduce_kernel
+types_red = dict(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16", o_stride_b="i32", o_stride_h="i32")
+const = dict(H=16, D=128, D_P=128, NUM_SPLITS=33, SPLITS_P=64, PDL=True)
+sig = {**types_red, **{k: "constexpr" for k in const}}
+triton.compile(ASTSource(fn=red, signature={n: sig[n] for n in red.arg_names}, constexprs=const),
+               target=GPUTarget("cuda", 90, 32))
 ptx = [ln.strip() for ln in k.asm["ptx"].splitlines()]
 atom = next(i for i, ln in enumerate(ptx) if re.search(r"atom\..*acq_rel.*add", ln))
 last_store = max(i for i, ln in enumerate(ptx[:atom]) if re.search(r"st\.global", ln))
@@ -387,5 +399,6 @@ print("compiled")
 
 
 def test_decode_kernel_with_merge_in_last_split_compiles_for_hopper(triton_for_hopper):
-    "10a's decode kernel, merge folded in or not, compiles for sm_90; the fold's PTX has barrier -> atomic -> .cg loads."
+    "10a's decode kernels, merge folded in or not, PDL or not, compile for sm_90; the fold's PTX has barrier -> atomic"
+    " -> .cg loads; with PDL, griddepcontrol.wait comes before any global load or store."
     assert "compiled" in triton_for_hopper(_DECODE_FOR_HOPPER)

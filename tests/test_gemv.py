@@ -171,9 +171,9 @@ types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", y_ptr
 for bm, bn, bk, dot in ((1, 4, 512, False), (4, 8, 256, False), (16, 32, 256, True), (16, 32, 128, True)):
     for partial, bias, fold in ((False, True, False), (True, False, False), (True, True, True), (True, False, True)):
         t = {**types, "out_ptr": "*fp32"} if partial else types
-        for act in (False, True):
+        for act, pdl in ((False, False), (True, False), (False, True), (True, True)):
             build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=bk, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
-                                          FOLD=fold, ACT=act))
+                                          FOLD=fold, ACT=act, PDL=pdl))
 build(g._sum_splits_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", S="i32"),
       dict(BN=1024, HAS_BIAS=True))
 print("compiled")
@@ -186,7 +186,8 @@ from triton.backends.compiler import GPUTarget
 from nanovllm_lit.layers import gemv_triton as g
 types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", y_ptr="*bf16", lock_ptr="*i32", M="i32",
              N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32")
-const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True, ACT=False)
+const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True, ACT=False,
+             PDL=PDL)
 sig = {**types, **{k: "constexpr" for k in const}}
 k = triton.compile(ASTSource(fn=g._gemv_kernel, signature={n: sig[n] for n in g._gemv_kernel.arg_names},
                              constexprs=const), target=GPUTarget("cuda", 90, 32))
@@ -194,10 +195,23 @@ print(k.asm["ptx"])
 '''
 
 
+def test_pdl_gemv_loads_weights_before_its_wait_and_writes_after(triton_for_hopper):
+    "In the PTX for sm_90 with PDL: global loads (the first weight tile) before griddepcontrol.wait, every store and"
+    " atomic after it, then launch_dependents; without PDL neither instruction is there."
+    lines = [ln.strip() for ln in triton_for_hopper("PDL = True" + _FOLD_PTX).splitlines()]
+    at = lambda word: [i for i, ln in enumerate(lines) if word in ln and not ln.startswith("//")]
+    wait, release = at("griddepcontrol.wait"), at("griddepcontrol.launch_dependents")
+    assert len(wait) == 1 and len(release) == 1 and wait[0] < release[0]
+    assert min(at("ld.global")) < wait[0], "no weight load before the wait"
+    assert wait[0] < min(at("st.global") + at("atom.")), "a store or atomic before the wait"
+    plain = triton_for_hopper("PDL = False" + _FOLD_PTX)
+    assert "griddepcontrol" not in plain
+
+
 def test_folded_split_k_orders_its_memory_accesses_in_ptx(triton_for_hopper):
     "In the PTX for sm_90: partials stored, a CTA barrier, the acq_rel GPU-scope atomic, then L1-bypassing loads."
     import re
-    lines = [ln.strip() for ln in triton_for_hopper(_FOLD_PTX).splitlines()]
+    lines = [ln.strip() for ln in triton_for_hopper("PDL = False" + _FOLD_PTX).splitlines()]
     def first(pattern, start=0):
         return next(i for i in range(start, len(lines)) if re.search(pattern, lines[i]))
     store = first(r"^(@%p\d+ )?st\.global.*\.(f32|b32)")          # a partial (fp32) stored

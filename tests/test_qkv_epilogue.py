@@ -119,10 +119,10 @@ assert not qe.INTERPRET
 ptrs = dict(qkv_ptr="*bf16", q_out_ptr="*bf16", k_out_ptr="*bf16", q_w_ptr="*bf16", k_w_ptr="*bf16", cs_ptr="*fp32",
             positions_ptr="*i64", slot_ptr="*i32", k_cache_ptr="*bf16", v_cache_ptr="*bf16")
 ints = dict(qkv_stride="i32", cs_stride="i32", c_stride_slot="i32", c_stride_h="i32", eps="fp32")
-for store in (True, False):
+for store, pdl in ((True, True), (True, False), (False, False)):
     for norm, tail in ((True, 0), (False, 32)):
         const = dict(H=16, KVH=8, H_P=16, KVH_P=8, D=128, HALF=(128 - tail) // 2, HALF_P=64, TAIL=tail,
-                     TAIL_P=max(1, tail), HAS_NORM=norm, STORE=store)
+                     TAIL_P=max(1, tail), HAS_NORM=norm, STORE=store, PDL=pdl)
         sig = {**ptrs, **ints, **{k: "constexpr" for k in const}}
         sig = {name: sig[name] for name in qe._qkv_epilogue_kernel.arg_names}
         triton.compile(ASTSource(fn=qe._qkv_epilogue_kernel, signature=sig, constexprs=const),

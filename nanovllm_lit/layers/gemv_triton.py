@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from .triton_kernels import INTERPRET   # noqa: F401  (no GPU: Triton's interpreter)
+from .triton_kernels import _wait_for_previous_kernel, pdl_enabled, pdl_launch   # PDL (10a)
 import triton
 import triton.language as tl
 from .linear import GEMV_MAX_M
@@ -40,13 +41,18 @@ def _load_x(x_ptr, offs, mask, K, ACT: tl.constexpr):
 
 @triton.jit
 def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
     "sum over k in [k_start, k_start + k_len) of x[m, k] * w[n, k], on CUDA cores: (BM, BN) fp32."
     m = tl.arange(0, BM)[:, None, None]                          # (BM, 1, 1)
     n = (pid_n * BN + tl.arange(0, BN))[None, :, None]           # (1, BN, 1)
     k = tl.arange(0, BK)[None, None, :]                          # (1, 1, BK): contiguous in memory
     acc = tl.zeros([BM, BN, BK], tl.float32)
-    for k0 in range(0, k_len, BK):
+    if PDL:                         # the first step, its weights loaded before the wait (10a): no kernel writes them
+        w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k_start + k, mask=(n < N) & (k_start + k < K), other=0.0)
+        _wait_for_previous_kernel(PDL)
+        x = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, ACT)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+    for k0 in range(BK * PDL, k_len, BK):                        # (the same steps, in the same order, either way)
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (1, BN, BK)
         x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, 1, BK)
@@ -55,13 +61,20 @@ def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
 
 @triton.jit
 def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ACT: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ACT: tl.constexpr,
+                 PDL: tl.constexpr):
     "The same sum on tensor cores (BM >= 16; bf16 or fp16 inputs): (BM, BN) fp32."
     m = tl.arange(0, BM)[:, None]                                # (BM, 1)
     n = (pid_n * BN + tl.arange(0, BN))[:, None]                 # (BN, 1)
     k = tl.arange(0, BK)[None, :]                                # (1, BK)
     acc = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, k_len, BK):
+    if PDL:                                                      # as in _partial_fma
+        w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k_start + k, mask=(n < N) & (k_start + k < K), other=0.0)
+        _wait_for_previous_kernel(PDL)
+        x = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, ACT)
+        if UPCAST: x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    for k0 in range(BK * PDL, k_len, BK):
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (BN, BK)
         x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, BK)
@@ -89,12 +102,14 @@ def _fold_splits(part_ptr, b_ptr, y_ptr, lock_ptr, M, N, pid_n, m, n, mask,
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, y_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, k_len,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
-                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, ACT: tl.constexpr):
+                 PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, ACT: tl.constexpr,
+                 PDL: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if DOT:
-        acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST, ACT)
+        acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST, ACT,
+                           PDL)
     else:
-        acc = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, ACT)
+        acc = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, ACT, PDL)
     m = tl.arange(0, BM)[:, None]
     n = pid_n * BN + tl.arange(0, BN)[None, :]
     mask = (m < M) & (n < N)
@@ -183,11 +198,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     locks = split_locks(x.device) if split > 1 and cfg.get("fold", True) and blocks <= _MAX_LOCKS else None
     b = bias if bias is not None else y                           # a pointer that is not read
+    pdl = pdl_enabled(x.device)                                   # "Weights before the wait", below
     _gemv_kernel[(blocks, split)](
         x, weight, b, out, y, y if locks is None else locks, M, N, K, x.stride(0), weight.stride(0), k_len,
         BM=max(m_bucket(M), 16) if dot else m_bucket(M), BN=bn, BK=bk, DOT=dot, UPCAST=INTERPRET, PARTIAL=split > 1,
-        HAS_BIAS=bias is not None, FOLD=locks is not None, ACT=act is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, FOLD=locks is not None, ACT=act is not None, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
     if split > 1 and locks is None:
         _sum_splits_kernel[(M, triton.cdiv(N, 1024))](out, b, y, M, N, split, BN=1024, HAS_BIAS=bias is not None)
     return y

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import torch
 from .triton_kernels import INTERPRET, _check_cache   # noqa: F401  (no GPU: Triton's interpreter)
+from .triton_kernels import _wait_for_previous_kernel, pdl_enabled, pdl_launch   # PDL (10a)
 import triton
 import triton.language as tl
 
@@ -65,7 +66,8 @@ def _qkv_epilogue_kernel(qkv_ptr, qkv_stride, q_out_ptr, k_out_ptr, q_w_ptr, k_w
                          positions_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, c_stride_slot, c_stride_h, eps,
                          H: tl.constexpr, KVH: tl.constexpr, H_P: tl.constexpr, KVH_P: tl.constexpr,
                          D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, TAIL: tl.constexpr,
-                         TAIL_P: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+                         TAIL_P: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr = False):
+    _wait_for_previous_kernel(PDL)                           # qkv is the previous kernel's output (10a)
     tok = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)                                  # 0: query heads, 1: key heads, 2: value heads
     row = qkv_ptr + tok * qkv_stride
@@ -113,12 +115,13 @@ def qkv_epilogue(qkv: torch.Tensor, positions: torch.Tensor, num_heads: int, num
     if N == 0: return q, k, v
     norm = q_weight is not None
     half, tail = R // 2, D - R
+    pdl = pdl_enabled(qkv.device)
     _qkv_epilogue_kernel[(N, 3)](
         qkv, qkv.stride(0), q, k, q_weight if norm else q, k_weight if norm else k, cos_sin_cache, cos_sin_cache.stride(0),
         positions, slot_mapping if store else positions, k_cache if store else q, v_cache if store else q,
         k_cache.stride(1) if store else 0, k_cache.stride(2) if store else 0, eps,
         H, KVH, triton.next_power_of_2(H), triton.next_power_of_2(KVH), D, half, triton.next_power_of_2(half),
-        tail, triton.next_power_of_2(max(tail, 1)), norm, store, num_warps=num_warps)
+        tail, triton.next_power_of_2(max(tail, 1)), norm, store, PDL=pdl, num_warps=num_warps, **pdl_launch(pdl))
     return q, k, v
 
 # %% ../../nbs/12b_qkv_epilogue.ipynb #461d3ed6

@@ -29,8 +29,8 @@ def _rebuild_lang_for_interpreter():
 if INTERPRET: _rebuild_lang_for_interpreter()
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'merge_locks', 'decode_num_splits',
-           'decode_attention', 'prefill_attention', 'benchmark_decode']
+__all__ = ['INTERPRET', 'DECODE_CONFIG', 'PREFILL_CONFIG', 'store_kvcache_triton', 'pdl_enabled', 'pdl_launch', 'merge_locks',
+           'decode_num_splits', 'decode_attention', 'prefill_attention', 'benchmark_decode']
 
 # %% ../../nbs/10a_triton_kernels.ipynb #411f1761
 @triton.jit
@@ -80,6 +80,28 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
+# %% ../../nbs/10a_triton_kernels.ipynb #0440f933
+_CAPABILITY: dict = {}
+
+def pdl_enabled(device) -> bool:
+    "Whether decode-path kernels on `device` start with programmatic dependent launch: CUDA, sm_90+, NANOVLLM_LIT_PDL != 0."
+    device = torch.device(device)
+    if INTERPRET or device.type != "cuda" or os.environ.get("NANOVLLM_LIT_PDL", "1") == "0": return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY: _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index] >= 9
+
+def pdl_launch(pdl: bool) -> dict:
+    "The launch keyword of a PDL kernel; none otherwise (so the interpreter never sees it)."
+    return {"launch_pdl": True} if pdl else {}
+
+@triton.jit
+def _wait_for_previous_kernel(PDL: tl.constexpr):
+    "With PDL: wait until the earlier kernels have finished and their writes are visible, then let the next one launch."
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 # %% ../../nbs/10a_triton_kernels.ipynb #39baaecd
 @triton.jit
 def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
@@ -89,7 +111,8 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
                    part_o_ptr, part_lse_ptr, qk_scale, lock_ptr,
                    H: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-                   FOLD: tl.constexpr = False, SPLITS_P: tl.constexpr = 1):
+                   FOLD: tl.constexpr = False, SPLITS_P: tl.constexpr = 1, PDL: tl.constexpr = False):
+    _wait_for_previous_kernel(PDL)                                 # q, the new token's K/V: just written
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,7 +162,8 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
 @triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h,
                           H: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr = False):
+    _wait_for_previous_kernel(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P)
@@ -240,16 +264,18 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
         part_o = torch.empty(B * H * num_splits, D_P, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(B * H * num_splits, dtype=torch.float32, device=q.device)
     locks = merge_locks(q.device, B * KVH) if num_splits > 1 and cfg["fold"] else None
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(B, KVH, num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(1), k_cache.stride(2),
         block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1),
         part_o, part_lse, scale * math.log2(math.e), out if locks is None else locks,
         H, H // KVH, _pow2_at_least_16(H // KVH), D, D_P, BS, block_n, num_splits, _precision(q),
-        FOLD=locks is not None, SPLITS_P=triton.next_power_of_2(num_splits),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FOLD=locks is not None, SPLITS_P=triton.next_power_of_2(num_splits), PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
     if num_splits > 1 and locks is None:
         _decode_reduce_kernel[(B, H)](part_o, part_lse, out, out.stride(0), out.stride(1), H, D, D_P,
-                                      num_splits, triton.next_power_of_2(num_splits), num_warps=4)
+                                      num_splits, triton.next_power_of_2(num_splits), PDL=pdl, num_warps=4,
+                                      **pdl_launch(pdl))
     return out
 
 # %% ../../nbs/10a_triton_kernels.ipynb #c648f9c7
