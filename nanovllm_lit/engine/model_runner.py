@@ -213,6 +213,7 @@ def warmup_batches(self) -> list[list[Sequence]]:
 def warmup_model(self):
     "GPU: run the prefills that need the most activation memory, so the allocator's peak is the real peak."
     if self.device.type != "cuda": return  # NOTE: the CPU KV budget is fixed; there is no peak to measure
+    if self.world_size > 1: self._compile_in_turn()   # 08a: rank 0 compiles alone, the others reuse its code
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(self.device)
     for seqs in self.warmup_batches(): self.run(seqs, True)

@@ -5,6 +5,7 @@
 # %% ../../nbs/08a_tensor_parallel.ipynb #2f807046
 from __future__ import annotations
 import atexit, os, pickle, socket, time, traceback, uuid, weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 import multiprocessing as mp
@@ -15,11 +16,13 @@ import torch
 import torch.distributed as dist
 from ..config import Config
 from .model_runner import ModelRunner, RunnerSetup
+from .sequence import Sequence
+from ..sampling_params import SamplingParams
 from ..utils.patch import patch_to
 
 # %% auto #0
 __all__ = ['pick_free_port', 'seconds_from_env', 'tp_setup', 'WorkerError', 'TPPeer', 'spawn_workers', 'tp_worker_main',
-           'failure_report', 'stop_processes']
+           'collectives_off', 'failure_report', 'stop_processes']
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #c29b0598
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -137,6 +140,25 @@ def _tp_start_failed(self, e: BaseException):
     finally:
         self.broken = self.broken or "start-up failed"
         self.exit()
+
+# %% ../../nbs/08a_tensor_parallel.ipynb #15f00ce0
+@contextmanager
+def collectives_off(model: torch.nn.Module):
+    "Inside: the model's layers skip their all_reduce / gather, each rank computing its own slice only."
+    layers = [m for m in model.modules() if getattr(m, "collectives", False)]
+    for m in layers: m.collectives = False
+    try: yield
+    finally:
+        for m in layers: m.collectives = True
+
+@patch_to(ModelRunner)
+def _compile_in_turn(self):
+    "TP warm-up on a GPU: rank 0 runs the warm-up prefills alone (collectives off), compiling; then all ranks meet."
+    if self.rank == 0:
+        one_token = [Sequence([0], SamplingParams(), block_size=self.block_size)]   # decode's one-row shapes
+        with collectives_off(self.model):
+            for seqs in self.warmup_batches() + [one_token]: self.run(seqs, True)
+    self._barrier()                                    # the workers' compilations now hit rank 0's caches
 
 # %% ../../nbs/08a_tensor_parallel.ipynb #14a342bd
 @patch_to(ModelRunner)
