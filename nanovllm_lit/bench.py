@@ -183,7 +183,7 @@ def _timed(obj, name: str, totals: dict, label: str):
 KERNEL_GROUPS = {"attention": ("_decode_kernel", "_decode_reduce", "_prefill_kernel"), "kv store": ("_store_kvcache",),
                  "sampler": ("sample", "argmax", "exponential", "softmax", "_race"),
                  "matmul": ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk", "_gemv", "_sum_splits"),
-                 "fused norm/rope/act": ("triton_", "_qkv_epilogue"), "copy/fill": ("memcpy", "memset", "copy", "fill")}
+                 "fused norm/rope/act": ("triton_", "_qkv_epilogue", "_rms_norm"), "copy/fill": ("memcpy", "memset", "copy", "fill")}
 
 def kernel_group(name: str) -> str:
     "The group of a kernel, from its name (first match in `KERNEL_GROUPS`), else 'other'."

@@ -127,10 +127,23 @@ for store, pdl in ((True, True), (True, False), (False, False)):
         sig = {name: sig[name] for name in qe._qkv_epilogue_kernel.arg_names}
         triton.compile(ASTSource(fn=qe._qkv_epilogue_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32))
+fn = qe._rms_norm_kernel
+types = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_out_ptr="*bf16", K="i32",
+             stride_x="i32", stride_r="i32", eps="fp32")
+for has_res in (True, False):
+    for pdl in (True, False):
+        const = dict(BLOCK=1024, HAS_RES=has_res, PDL=pdl)
+        sig = {**types, **{k: "constexpr" for k in const}}
+        ptx = triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
+                             target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl
+        if pdl:                                  # the norm weight loads before the wait, every store after it
+            assert ptx.index("ld.global") < ptx.index("griddepcontrol.wait") < ptx.index("st.global")
 print("compiled")
 '''
 
 
 def test_kernel_passes_tritons_compiler_for_hopper(triton_for_hopper):
-    "The interpreter accepts code the compiler rejects; compile the kernel for sm_90 (no GPU needed: Triton ships ptxas)."
+    "The interpreter accepts code the compiler rejects; compile the kernels for sm_90 (no GPU needed: Triton ships"
+    " ptxas); the norm kernel with PDL loads its weight before griddepcontrol.wait and stores after it."
     assert "compiled" in triton_for_hopper(_COMPILE_FOR_HOPPER)

@@ -33,7 +33,7 @@ case "${1:-check}" in
   bench)
     timeout 330 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -60
-    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 NANOVLLM_LIT_FUSED_ACT=0 NANOVLLM_LIT_PDL=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
+    NANOVLLM_LIT_GEMV=0 NANOVLLM_LIT_FUSED_QKV=0 NANOVLLM_LIT_GRAPH_SAMPLER=0 NANOVLLM_LIT_FUSED_ACT=0 NANOVLLM_LIT_PDL=0 NANOVLLM_LIT_NORM_KERNEL=0 timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512 \
       > "$OUT/bench_off.log" 2>&1; echo "bench (GEMV, fused epilogue, graph sampler off) rc $?"; grep -v Warning "$OUT/bench_off.log" | tail -12 ;;
   quick)   # what fits one call when little device time is left: engine vs HF, 08 and 14b cells, two workloads
     timeout 200 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
@@ -57,7 +57,7 @@ case "${1:-check}" in
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
     timeout 260 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -60 ;;
-  pdl)     # 2026-12-07: programmatic dependent launch (10a, 09a, 12b) checked, then measured on and off
+  pdl)     # 2026-12-07: PDL (10a, 09a, 12b) and 12b's norm kernel checked, then measured with each on and off
     for ch in 09a_gemv 10a_triton_kernels 12b_qkv_epilogue 08_model_runner; do
       timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
       grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -6
@@ -66,7 +66,9 @@ case "${1:-check}" in
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
     timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512,W --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -50
-    NANOVLLM_LIT_PDL=0 timeout 90 python3 -m nanovllm_lit.bench --shape 1x128x256 --profile > "$OUT/bench_nopdl.log" 2>&1
-    echo "bench (PDL off) rc $?"; grep -v Warning "$OUT/bench_nopdl.log" | tail -22 ;;
+    NANOVLLM_LIT_PDL=0 timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 --profile > "$OUT/bench_nopdl.log" 2>&1
+    echo "bench (PDL off) rc $?"; grep -v Warning "$OUT/bench_nopdl.log" | tail -22
+    NANOVLLM_LIT_NORM_KERNEL=0 timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 > "$OUT/bench_nonorm.log" 2>&1
+    echo "bench (norm kernel off) rc $?"; grep -v Warning "$OUT/bench_nonorm.log" | tail -5 ;;
   *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl"; exit 2 ;;
 esac

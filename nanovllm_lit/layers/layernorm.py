@@ -4,12 +4,13 @@
 
 # %% ../../nbs/12_norm_activation.ipynb #6c656f48
 from __future__ import annotations
+import os
 import torch
 from torch import nn
 from ..utils.context import compile_on_cuda
 
 # %% auto #0
-__all__ = ['rms_norm', 'add_rms_norm', 'RMSNorm']
+__all__ = ['rms_norm', 'add_rms_norm', 'NORM_KERNEL_MAX_ROWS', 'uses_norm_kernel', 'RMSNorm']
 
 # %% ../../nbs/12_norm_activation.ipynb #056af94f
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -24,6 +25,13 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 # On the GPU each becomes one fused kernel (chapter 16: `compile_on_cuda`); on the CPU they run as written.
 rms_norm, add_rms_norm = compile_on_cuda(_rms_norm), compile_on_cuda(_add_rms_norm)
+NORM_KERNEL_MAX_ROWS = 16   # up to this many rows on a GPU: chapter 12b's Triton norm (it overlaps its neighbours)
+
+def uses_norm_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    "Whether RMSNorm sends `x` to chapter 12b's kernel: CUDA, 1..16 rows, x's dtype, NANOVLLM_LIT_NORM_KERNEL != 0."
+    return (x.is_cuda and x.dim() > 0 and 1 <= x.numel() // max(x.size(-1), 1) <= NORM_KERNEL_MAX_ROWS
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and os.environ.get("NANOVLLM_LIT_NORM_KERNEL", "1") != "0")
 
 class RMSNorm(nn.Module):
     "RMSNorm over the last dim; `forward(x, residual)` also does the residual add first."
@@ -40,6 +48,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         "x (..., hidden) -> normed x; with `residual`: (norm(x + residual), x + residual)."
+        if uses_norm_kernel(x, self.weight):                  # a few rows on a GPU: chapter 12b's kernel
+            from nanovllm_lit.layers.qkv_epilogue import rms_norm_rows   # (imported here: triton only where it runs)
+            return rms_norm_rows(x, self.weight, self.eps, residual)
         return self.rms_forward(x) if residual is None else self.add_rms_forward(x, residual)
 
     def extra_repr(self): return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 # %% auto #0
-__all__ = ['qkv_epilogue', 'qkv_epilogue_enabled', 'uses_qkv_epilogue']
+__all__ = ['qkv_epilogue', 'qkv_epilogue_enabled', 'uses_qkv_epilogue', 'rms_norm_rows']
 
 # %% ../../nbs/12b_qkv_epilogue.ipynb #c85e75ba
 @triton.jit
@@ -133,3 +133,35 @@ def uses_qkv_epilogue(backend: str, qkv: torch.Tensor) -> bool:
     "Whether a layer on attention `backend` takes the fused path for `qkv`: kernel backends, float dtypes, switch on."
     return backend in ("triton", "flash-attn") and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16) \
         and qkv_epilogue_enabled()
+
+# %% ../../nbs/12b_qkv_epilogue.ipynb #25545fe0
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, K, stride_x, stride_r, eps,
+                     BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)              # the weight: no kernel writes it, load it early
+    _wait_for_previous_kernel(PDL)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:                                                  # the new residual, rounded like chapter 12's
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * K + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    normed = (xf / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * K + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    "Chapter 12's `rms_norm(x)`, or `add_rms_norm(x, residual)` -> (normed, new residual), one program per row."
+    K = x.size(-1)
+    x2 = x.reshape(-1, K) if x.stride(-1) == 1 else x.reshape(-1, K).contiguous()
+    r2 = x2 if residual is None else residual.reshape(-1, K).contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res_out = out if residual is None else torch.empty_like(out)
+    pdl = pdl_enabled(x.device)
+    _rms_norm_kernel[(x2.size(0),)](x2, r2, weight, out, res_out, K, x2.stride(0), r2.stride(0), eps,
+                                    BLOCK=triton.next_power_of_2(K), HAS_RES=residual is not None, PDL=pdl,
+                                    num_warps=4, **pdl_launch(pdl))
+    return out.view(x.shape) if residual is None else (out.view(x.shape), res_out.view(x.shape))
