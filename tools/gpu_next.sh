@@ -10,6 +10,8 @@
 #                                   sampler off
 #   bash tools/gpu_next.sh quick    with little device time left: engine vs HF, 08/14b cells, batch 1 and 256x512/512
 #   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
+#   bash tools/gpu_next.sh pdl      2026-12-07: 09a/12b cells, engine vs HF, the workloads with PDL / the norm kernel on, off
+#   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
 #                                   1 row now take different GEMV tiles)
@@ -70,5 +72,16 @@ case "${1:-check}" in
     echo "bench (PDL off) rc $?"; grep -v Warning "$OUT/bench_nopdl.log" | tail -22
     NANOVLLM_LIT_NORM_KERNEL=0 timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 > "$OUT/bench_nonorm.log" 2>&1
     echo "bench (norm kernel off) rc $?"; grep -v Warning "$OUT/bench_nonorm.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl"; exit 2 ;;
+  tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
+           # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
+    for turn in 0 1; do
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) NANOVLLM_LIT_COMPILE_IN_TURN=$turn timeout 280 \
+        python3 -c "import time; t = time.time(); from nanovllm_lit.bench import _engine; \
+llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-up, compile in turn=$turn: {time.time() - t:.0f} s'); llm.exit()" \
+        > "$OUT/tp_start_$turn.log" 2>&1; echo "start-up (in turn=$turn) rc $?"; grep "start-up" "$OUT/tp_start_$turn.log"
+    done
+    timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
+    echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
+    timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | tp"; exit 2 ;;
 esac

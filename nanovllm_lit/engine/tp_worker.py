@@ -154,6 +154,7 @@ def collectives_off(model: torch.nn.Module):
 @patch_to(ModelRunner)
 def _compile_in_turn(self):
     "TP warm-up on a GPU: rank 0 runs the warm-up prefills alone (collectives off), compiling; then all ranks meet."
+    if os.environ.get("NANOVLLM_LIT_COMPILE_IN_TURN", "1") == "0": return   # every rank compiles for itself
     if self.rank == 0:
         one_token = [Sequence([0], SamplingParams(), block_size=self.block_size)]   # decode's one-row shapes
         with collectives_off(self.model):
