@@ -133,11 +133,10 @@ def _sum_splits_kernel(part_ptr, b_ptr, y_ptr, M, N, S, BN: tl.constexpr, HAS_BI
 _ONE_ROW = dict(block_n=4, block_k=512, split_k=1, num_warps=4, dot=False)
 _DOT = dict(block_n=32, block_k=256, num_warps=4, dot=True)
 # (N, K, BM) -> config keys that override the heuristic: the sweep's best on an H100 (2026-12-06), Qwen3-0.6B
-GEMV_CONFIG: dict[tuple[int, int, int], dict] = {
-    (1024, 3072, 1): dict(_ONE_ROW, split_k=4),                                     # down_proj: 256 row blocks
-    **{(n, k, bm): dict(_DOT, block_k=128, split_k=8) for (n, k) in ((1024, 3072),) for bm in (2, 4, 8, 16)},
-    **{(n, k, bm): dict(_DOT, split_k=1) for (n, k) in ((4096, 1024), (6144, 1024)) for bm in (2, 4, 8, 16)},
-}
+GEMV_CONFIG: dict[tuple[int, int, int], dict] = {(1024, 3072, 1): dict(_ONE_ROW, split_k=4)}   # down_proj, 1 row
+for bm in (2, 4, 8, 16):
+    GEMV_CONFIG[1024, 3072, bm] = dict(_DOT, block_k=128, split_k=8)                # down_proj
+    for n in (4096, 6144): GEMV_CONFIG[n, 1024, bm] = dict(_DOT, split_k=1)         # qkv_proj, gate_up_proj
 _SMS: dict = {}
 
 def m_bucket(M: int) -> int:
