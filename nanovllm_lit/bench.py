@@ -9,9 +9,10 @@ import torch
 from .sampling_params import SamplingParams
 
 # %% auto #0
-__all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'KERNEL_GROUPS', 'make_workload', 'num_params', 'floor_estimate',
-           'disable_prefix_cache', 'measure_card', 'default_model', 'run_workload', 'run_bench', 'parse_shape',
-           'shape_workload', 'format_result', 'kernel_group', 'profile_decode', 'format_profile', 'main']
+__all__ = ['H100_FLOOR_TOK_S', 'H100_BANDWIDTH', 'H100_FLOPS', 'KERNEL_GROUPS', 'DECODE_GROUPS', 'make_workload', 'num_params',
+           'floor_estimate', 'disable_prefix_cache', 'measure_card', 'default_model', 'run_workload', 'run_bench',
+           'parse_shape', 'shape_workload', 'format_result', 'kernel_group', 'profile_decode', 'format_profile',
+           'record_steps', 'step_table', 'format_steps', 'main']
 
 # %% ../nbs/17a_bench.ipynb #2140b114
 def make_workload(num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
@@ -94,14 +95,18 @@ def _engine(model, load_format, engine_kwargs):
         load_format = "auto" if any(f.endswith(".safetensors") for f in os.listdir(model)) else "dummy"
     return LLMEngine(model, load_format=load_format, **engine_kwargs), load_format
 
-def run_workload(llm, prompts, params, prefix_cache: bool = True, card=None, load_format="dummy") -> dict:
+def run_workload(llm, prompts, params, prefix_cache: bool = True, card=None, load_format="dummy",
+                 steps: list | None = None) -> dict:
     "Time `generate` over one workload on a built engine (after a small warm-up); -> the figures and settings."
+    # steps: a list to record the timed run's steps in (`record_steps`, below); the result then has their table
     vocab = llm.config.hf_config.vocab_size
     if vocab <= 10000: prompts = [[t % vocab for t in p] for p in prompts]  # tiny vocabularies (--tiny)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
     if llm.config.device == "cuda": torch.cuda.synchronize()
+    undo = record_steps(llm, steps) if steps is not None else (lambda: None)
     t = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
+    try: llm.generate(prompts, params, use_tqdm=False)
+    finally: undo()
     seconds = time.perf_counter() - t
     c = llm.config
     result = dict(num_seqs=len(prompts), prompt_tokens=sum(map(len, prompts)),
@@ -114,6 +119,7 @@ def run_workload(llm, prompts, params, prefix_cache: bool = True, card=None, loa
                       [len(p) for p in prompts], [sp.max_tokens for sp in params], c.hf_config,
                       bandwidth=card["bandwidth"], flops=card["flops"]))
     result["output_tok_s"] = result["output_tokens"] / seconds
+    if steps is not None: result["step_table"] = step_table(steps, c.hf_config, card)
     return result
 
 def run_bench(model: str | None = None, num_seqs: int = 256, min_input_len: int = 100, max_input_len: int = 1024,
@@ -167,6 +173,7 @@ def format_result(r: dict) -> str:
                      f"bf16 {card['flops'] / 1e12:.0f} TFLOP/s")
         lines.append(f"ratio to the floor: {r['output_tok_s'] / floor:.3f} (floor {floor / 1e3:.1f}k tok/s for this "
                      f"workload and model on this card: {r['floor']['seconds']:.2f} s)")
+    if r.get("step_table"): lines.append(format_steps(r["step_table"], r["seconds"]))
     return "\n".join(lines)
 
 # %% ../nbs/17a_bench.ipynb #be8a9844
@@ -244,6 +251,52 @@ def format_profile(p: dict) -> str:
                   for k, v in sorted(p["gpu_ms"].items(), key=lambda kv: -kv[1])]
     return "\n".join(lines)
 
+# %% ../nbs/17a_bench.ipynb #a4a7e000
+def record_steps(llm, steps: list):
+    "Until the returned function is called, each `llm.step()` appends (is_prefill, batch, tokens, seconds) to `steps`."
+    # tokens: a prefill's new prompt tokens; a decode's cached tokens read (its sequences' lengths)
+    schedule, step, launched = llm.scheduler.schedule, llm.step, []
+    def recorded_schedule():
+        seqs, is_prefill = schedule()
+        tokens = sum(len(s) - s.num_cached_tokens for s in seqs) if is_prefill else sum(len(s) for s in seqs)
+        launched.append((is_prefill, len(seqs), tokens))
+        return seqs, is_prefill
+    def timed_step():
+        launched.clear(); t = time.perf_counter()
+        try: return step()
+        finally:
+            if launched and launched[0][1]: steps.append((*launched[0], time.perf_counter() - t))
+    llm.scheduler.schedule, llm.step = recorded_schedule, timed_step
+    def undo(): del llm.scheduler.schedule, llm.step
+    return undo
+
+# %% ../nbs/17a_bench.ipynb #276ffb9d
+DECODE_GROUPS = ((129, "129+"), (33, "33-128"), (9, "9-32"), (2, "2-8"), (1, "1"))   # (smallest batch, label)
+
+def step_table(steps: list, hf_config, card: dict | None = None, bytes_per_elem: int = 2) -> list[dict]:
+    "Steps grouped (prefill; decode by batch size): count, seconds, tokens, and the floor seconds when `card` is known."
+    c = hf_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * bytes_per_elem
+    params = num_params(c)
+    rows = {}
+    for is_prefill, batch, tokens, seconds in steps:
+        name = "prefill" if is_prefill else "decode, batch " + next(label for lo, label in DECODE_GROUPS if batch >= lo)
+        r = rows.setdefault(name, dict(group=name, steps=0, seconds=0.0, tokens=0, floor=0.0 if card else None))
+        r["steps"] += 1; r["seconds"] += seconds; r["tokens"] += tokens
+        if card: r["floor"] += (2 * params * tokens / card["flops"] if is_prefill
+                                else (params * bytes_per_elem + tokens * kv_per_token) / card["bandwidth"])
+    return list(rows.values())
+
+def format_steps(table: list[dict], total_seconds: float) -> str:
+    "The step table as text: per group, steps, seconds, ms per step, and the ratio of its floor to its time."
+    lines = [f"  steps of the timed run ({total_seconds:.2f} s; {sum(r['seconds'] for r in table):.2f} s inside step()):",
+             f"    {'':<20} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'floor s':>8} {'floor/time':>10}"]
+    for r in table:
+        floor = "" if r["floor"] is None else f"{r['floor']:8.3f} {r['floor'] / r['seconds']:10.3f}"
+        lines.append(f"    {r['group']:<20} {r['steps']:6d} {r['seconds']:8.3f} {1e3 * r['seconds'] / r['steps']:8.3f} {floor}")
+    return "\n".join(lines)
+
 # %% ../nbs/17a_bench.ipynb #78c3bd0c
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     "Command line: `python -m nanovllm_lit.bench [--tiny] [--shape W,BxIxO,...] [--profile] [--no-overlap] ...`."
@@ -257,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     ap.add_argument("--no-cuda-graph", action="store_true", help="enforce_eager")
     ap.add_argument("--no-prefix-cache", action="store_true")
     ap.add_argument("--no-overlap", action="store_true", help="the synchronous loop (overlap_scheduling=False)")
-    ap.add_argument("--profile", action="store_true", help="then: where a decode step goes, per workload shape")
+    ap.add_argument("--profile", action="store_true", help="time every step of each workload, then: where a "
+                                                            "decode step goes, per workload shape")
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--backend", default=None, help="attention backend: torch | triton | flash-attn")
     ap.add_argument("--max-model-len", type=int, default=4096)
@@ -284,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
             elif a.tiny: prompts, params = make_workload(32, 32, 256, 32, 128, shared_prefix=a.shared_prefix)
             else: prompts, params = make_workload(a.num_seqs, 100, a.max_input_len, 100, a.max_output_len,
                                                   shared_prefix=a.shared_prefix)
-            results.append(run_workload(llm, prompts, params, not a.no_prefix_cache, card, load_format))
+            results.append(run_workload(llm, prompts, params, not a.no_prefix_cache, card, load_format,
+                                        steps=[] if a.profile else None))
             print(format_result(results[-1]), flush=True)
         if a.profile:                                             # W is profiled as 256 x 512
             for b, i in dict.fromkeys((r["num_seqs"], 512 if s.upper() == "W" else parse_shape(s)[1])

@@ -72,6 +72,15 @@ case "${1:-check}" in
     echo "bench (PDL off) rc $?"; grep -v Warning "$OUT/bench_nopdl.log" | tail -22
     NANOVLLM_LIT_NORM_KERNEL=0 timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 > "$OUT/bench_nonorm.log" 2>&1
     echo "bench (norm kernel off) rc $?"; grep -v Warning "$OUT/bench_nonorm.log" | tail -5 ;;
+  baseline) # 2026-12-07 (second session): 08 and 10a cells (not run on a GPU since PDL), engine vs HF, the three workloads
+    for ch in 08_model_runner 10a_triton_kernels; do
+      timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
+      grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -6
+    done
+    timeout 150 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512,W --profile > "$OUT/bench.log" 2>&1
+    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -83,5 +92,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | tp"; exit 2 ;;
 esac
