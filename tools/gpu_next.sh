@@ -81,6 +81,17 @@ case "${1:-check}" in
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
     timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512,W --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90 ;;
+  attn)     # 2026-12-07: decode attention's configurations per batch shape of W (best vs default, ratio to copy), the attention check
+    timeout 170 python3 tests/gpu_attention_sweep.py --budget-s 120 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
+    echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
+    for cfg in '{}' "$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/attn_best.json'))['256 x 530']))")"; do
+      timeout 120 python3 -c "import json, sys; from nanovllm_lit.layers import triton_kernels as tk; \
+tk.DECODE_CONFIG.update(json.loads(sys.argv[1])); print('decode config', tk.DECODE_CONFIG); \
+from nanovllm_lit.bench import main; main(['--shape', '256x512x512,W'])" "$cfg" > "$OUT/attn_engine.log" 2>&1
+      echo "engine with $cfg rc $?"; grep -E "decode config|Throughput|ratio" "$OUT/attn_engine.log"
+    done
+    timeout 90 python3 tests/gpu_attention_check.py > "$OUT/attn_check.log" 2>&1; echo "attention check rc $?"
+    sed -n '/==== summary/,$p' "$OUT/attn_check.log" ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -92,5 +103,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | attn | tp"; exit 2 ;;
 esac
