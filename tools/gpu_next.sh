@@ -92,6 +92,13 @@ from nanovllm_lit.bench import main; main(['--shape', '256x512x512,W'])" "$cfg" 
     done
     timeout 90 python3 tests/gpu_attention_check.py > "$OUT/attn_check.log" 2>&1; echo "attention check rc $?"
     sed -n '/==== summary/,$p' "$OUT/attn_check.log" ;;
+  day)      # 2026-12-07 (second session), one call: the workloads with every step timed (17a's step table), decode
+            # attention's configurations (10a), and whether a Triton matmul beats cuBLAS at 32-256 rows
+    timeout 200 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
+    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90
+    timeout 150 python3 tests/gpu_attention_sweep.py --budget-s 100 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
+    echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
+    timeout 150 python3 tests/gpu_gemm_bench.py > "$OUT/gemm.log" 2>&1; echo "gemm rc $?"; grep -v Warning "$OUT/gemm.log" | tail -40 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -103,5 +110,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | attn | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | attn | day | tp"; exit 2 ;;
 esac
