@@ -235,6 +235,25 @@ def test_tp2_equals_tp1_with_prefix_hits_and_preemption(ckpt):
     assert time.perf_counter() - t0 < 60
 
 
+def test_compile_in_turn_under_tp_then_serves(ckpt):
+    # 08a: rank 0 runs the warm-up prefills alone with its collectives off while rank 1 waits at the barrier.
+    # (On a GPU warmup_model does this at start-up; called here on CPU ranks joined by gloo.) No deadlock, and
+    # afterwards both ranks all-reduce again: TP=2 still equals TP=1, and nothing was written to the KV cache.
+    prompts = tp_workload()[:4]
+    with LLMEngine(ckpt, **SMALL, num_kvcache_blocks=64) as one:
+        ref = [o["token_ids"] for o in one.generate(prompts, TP_SP, use_tqdm=False)]
+    with LLMEngine(ckpt, tensor_parallel_size=2, **SMALL, num_kvcache_blocks=64) as two:
+        caches = [m.k_cache.clone() for m in two.model_runner.model.modules() if hasattr(m, "k_cache")]
+        t0 = time.perf_counter()
+        two.model_runner.call("_compile_in_turn")
+        assert time.perf_counter() - t0 < 60
+        after = [m.k_cache for m in two.model_runner.model.modules() if hasattr(m, "k_cache")]
+        assert caches and all(torch.equal(a, b) for a, b in zip(caches, after)), "warm-up prefills store no KV"
+        assert all(m.collectives for m in two.model_runner.model.modules() if hasattr(m, "collectives"))
+        got = [o["token_ids"] for o in two.generate(prompts, TP_SP, use_tqdm=False)]
+    assert got == ref
+
+
 _CHILD = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
