@@ -94,11 +94,11 @@ from nanovllm_lit.bench import main; main(['--shape', '256x512x512,W'])" "$cfg" 
     sed -n '/==== summary/,$p' "$OUT/attn_check.log" ;;
   day)      # 2026-12-07 (second session), one call: the workloads with every step timed (17a's step table), decode
             # attention's configurations (10a), and whether a Triton matmul beats cuBLAS at 32-256 rows
-    timeout 200 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
+    timeout 190 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90
-    timeout 150 python3 tests/gpu_attention_sweep.py --budget-s 100 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
+    timeout 120 python3 tests/gpu_attention_sweep.py --budget-s 75 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
     echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
-    timeout 150 python3 tests/gpu_gemm_bench.py > "$OUT/gemm.log" 2>&1; echo "gemm rc $?"; grep -v Warning "$OUT/gemm.log" | tail -40 ;;
+    timeout 120 python3 tests/gpu_gemm_bench.py > "$OUT/gemm.log" 2>&1; echo "gemm rc $?"; grep -v Warning "$OUT/gemm.log" | tail -40 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do

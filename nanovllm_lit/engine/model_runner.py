@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+import numpy as np
 import torch
 import torch.distributed as dist
 from ..config import Config
@@ -26,11 +27,14 @@ __all__ = ['prepare_block_tables', 'slots_of', 'prepare_prefill', 'prepare_decod
            'graph_batch_sizes', 'decode_buffers', 'pack_decode', 'staging_buffer', 'DecodeRows']
 
 # %% ../../nbs/08_model_runner.ipynb #7df5ba0b
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
+
 def _tensor(data, dtype: torch.dtype, device) -> torch.Tensor:
     "A host list as a tensor on `device` (pinned host memory and an async copy when the device is a GPU)."
+    # subtle: through numpy, 4-5x faster than torch.tensor(list) for the 16k ids of a large prefill
+    t = torch.from_numpy(np.asarray(data, _NUMPY[dtype])) if dtype in _NUMPY else torch.tensor(data, dtype=dtype)
     device = torch.device(device)
-    if device.type == "cpu": return torch.tensor(data, dtype=dtype)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 def prepare_block_tables(seqs: list[Sequence], width: int | None = None) -> list[list[int]]:
     "Block tables of `seqs` as rows of equal `width` (default: the longest), padded with -1."
