@@ -11,6 +11,11 @@
 #   bash tools/gpu_next.sh quick    with little device time left: engine vs HF, 08/14b cells, batch 1 and 256x512/512
 #   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
 #   bash tools/gpu_next.sh pdl      2026-12-07: 09a/12b cells, engine vs HF, the workloads with PDL / the norm kernel on, off
+#   bash tools/gpu_next.sh baseline 08/10a cells, engine vs HF, the three workloads (--profile: with 17a's step table)
+#   bash tools/gpu_next.sh day      2026-12-07: the workloads with the step table, decode attention's tile sweep, and
+#                                   the Triton-matmul-vs-cuBLAS experiment at 32-256 rows (tests/gpu_gemm_bench.py)
+#   bash tools/gpu_next.sh attn     the tile sweep, then the engine with the sweep's choice for 256 x 530
+#   bash tools/gpu_next.sh splitk   not yet run: split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
