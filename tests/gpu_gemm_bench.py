@@ -50,43 +50,49 @@ def graph_ms(fn, reps=20):
         for _ in range(reps): fn()
     return triton.testing.do_bench(g.replay, warmup=5, rep=60) / reps
 
-card = measure_card()
-print(f"{card['name']} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')} | "
-      f"copy {card['bandwidth'] / 1e12:.2f} TB/s, bf16 {card['flops'] / 1e12:.0f} TFLOP/s")
+# Qwen3-0.6B's layers: (out_features, in_features)
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072), "lm_head": (151936, 1024)}
-CFGS = [(32, 32, 128, 4, 4), (64, 32, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
-        (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)]
-bad = 0
-for M in (32, 64, 128, 256):
-    step_cublas = step_triton = step_floor = 0.0
-    chain = {}                                                     # name -> (x, w, y, best cfg)
-    for name, (N, K) in SHAPES.items():
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
-        y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        ref = F.linear(x, w).float()
-        t_cublas = graph_ms(lambda: F.linear(x, w))
-        best = (float("inf"), None)
-        for cfg in CFGS:
-            if cfg[0] > 2 * M and cfg[0] > 32: continue                # tiles far taller than the batch
-            try: t = graph_ms(lambda: mm(x, w, y, cfg))
-            except Exception as e: print(f"  {name} M={M} {cfg}: {type(e).__name__}"); continue
-            err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-            if err > 1e-2: bad += 1; print(f"  MISMATCH {name} M={M} {cfg}: {err:.2e}"); continue
-            if t < best[0]: best = (t, cfg)
-        flops, nbytes = 2 * M * N * K, 2 * (N * K + M * K + M * N)
-        floor = max(flops / card["flops"], nbytes / card["bandwidth"]) * 1e3
-        chain[name] = (x, w, y, best[1])
-        reps = 1 if name == "lm_head" else 28
-        step_cublas += reps * t_cublas; step_triton += reps * best[0]; step_floor += reps * floor
-        print(f"M={M:3d} {name:8s} cuBLAS {t_cublas * 1e3:7.1f} us ({floor / t_cublas:.2f} of floor) | Triton best "
-              f"{best[0] * 1e3:7.1f} us ({floor / best[0]:.2f}) {best[1]}")
-    order = [n for _ in range(28) for n in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
-    t_cb = graph_ms(lambda: [F.linear(chain[n][0], chain[n][1]) for n in order], reps=1)
-    t_tr = graph_ms(lambda: [mm(*chain[n], pdl=False) for n in order], reps=1)
-    t_pdl = graph_ms(lambda: [mm(*chain[n], pdl=True) for n in order], reps=1)
-    print(f"M={M:3d} whole step's matmuls (sum of single-shape times): cuBLAS {step_cublas:.3f} ms, Triton {step_triton:.3f} ms; "
-          f"as one graph of 113 kernels: cuBLAS {t_cb:.3f} ms, Triton {t_tr:.3f} ms, Triton + PDL {t_pdl:.3f} ms; "
-          f"floor {step_floor:.3f} ms")
-print("FAILED" if bad else "all Triton results match F.linear")
-sys.exit(1 if bad else 0)
+
+def main():
+    card = measure_card()
+    print(f"{card['name']} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')} | "
+          f"copy {card['bandwidth'] / 1e12:.2f} TB/s, bf16 {card['flops'] / 1e12:.0f} TFLOP/s")
+    CFGS = [(32, 32, 128, 4, 4), (64, 32, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 128, 8, 3),
+            (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)]
+    bad = 0
+    for M in (32, 64, 128, 256):
+        step_cublas = step_triton = step_floor = 0.0
+        chain = {}                                                     # name -> (x, w, y, best cfg)
+        for name, (N, K) in SHAPES.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+            y = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x, w).float()
+            t_cublas = graph_ms(lambda: F.linear(x, w))
+            best = (float("inf"), None)
+            for cfg in CFGS:
+                if cfg[0] > 2 * M and cfg[0] > 32: continue                # tiles far taller than the batch
+                try: t = graph_ms(lambda: mm(x, w, y, cfg))
+                except Exception as e: print(f"  {name} M={M} {cfg}: {type(e).__name__}"); continue
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 1e-2: bad += 1; print(f"  MISMATCH {name} M={M} {cfg}: {err:.2e}"); continue
+                if t < best[0]: best = (t, cfg)
+            flops, nbytes = 2 * M * N * K, 2 * (N * K + M * K + M * N)
+            floor = max(flops / card["flops"], nbytes / card["bandwidth"]) * 1e3
+            chain[name] = (x, w, y, best[1])
+            reps = 1 if name == "lm_head" else 28
+            step_cublas += reps * t_cublas; step_triton += reps * best[0]; step_floor += reps * floor
+            print(f"M={M:3d} {name:8s} cuBLAS {t_cublas * 1e3:7.1f} us ({floor / t_cublas:.2f} of floor) | Triton best "
+                  f"{best[0] * 1e3:7.1f} us ({floor / best[0]:.2f}) {best[1]}")
+        order = [n for _ in range(28) for n in ("qkv", "o", "gate_up", "down")] + ["lm_head"]
+        t_cb = graph_ms(lambda: [F.linear(chain[n][0], chain[n][1]) for n in order], reps=1)
+        t_tr = graph_ms(lambda: [mm(*chain[n], pdl=False) for n in order], reps=1)
+        t_pdl = graph_ms(lambda: [mm(*chain[n], pdl=True) for n in order], reps=1)
+        print(f"M={M:3d} whole step's matmuls (sum of single-shape times): cuBLAS {step_cublas:.3f} ms, Triton {step_triton:.3f} ms; "
+              f"as one graph of 113 kernels: cuBLAS {t_cb:.3f} ms, Triton {t_tr:.3f} ms, Triton + PDL {t_pdl:.3f} ms; "
+              f"floor {step_floor:.3f} ms")
+    print("FAILED" if bad else "all Triton results match F.linear")
+    return bad
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)

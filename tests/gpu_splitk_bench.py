@@ -10,6 +10,7 @@ the split kernel for those two layers. Every result is checked against `F.linear
 import sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch, triton, triton.language as tl
 import torch.nn.functional as F
 
@@ -59,13 +60,7 @@ if __name__ == "__main__":
     card = measure_card()
     print(f"{card['name']} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')} | "
           f"copy {card['bandwidth'] / 1e12:.2f} TB/s, bf16 {card['flops'] / 1e12:.0f} TFLOP/s")
-    def graph_ms(fn, reps=20):
-        fn(); torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps): fn()
-        return triton.testing.do_bench(g.replay, warmup=5, rep=60) / reps
-    SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072), "lm_head": (151936, 1024)}
+    from gpu_gemm_bench import SHAPES, graph_ms                   # the same layers, timed the same way
     bad = 0
     for M in (32, 64, 128, 256):
         bufs, best_cfg = {}, {}

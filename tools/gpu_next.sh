@@ -11,10 +11,8 @@
 #   bash tools/gpu_next.sh quick    with little device time left: engine vs HF, 08/14b cells, batch 1 and 256x512/512
 #   bash tools/gpu_next.sh sampler  batch 1 and 256x512/512 with only the graph's LM head + sampler off (08)
 #   bash tools/gpu_next.sh pdl      2026-12-07: 09a/12b cells, engine vs HF, the workloads with PDL / the norm kernel on, off
-#   bash tools/gpu_next.sh baseline 08/10a cells, engine vs HF, the three workloads (--profile: with 17a's step table)
 #   bash tools/gpu_next.sh day      2026-12-07: the workloads with the step table, decode attention's tile sweep, and
 #                                   the Triton-matmul-vs-cuBLAS experiment at 32-256 rows (tests/gpu_gemm_bench.py)
-#   bash tools/gpu_next.sh attn     the tile sweep, then the engine with the sweep's choice for 256 x 530
 #   bash tools/gpu_next.sh splitk   not yet run: split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
@@ -77,26 +75,6 @@ case "${1:-check}" in
     echo "bench (PDL off) rc $?"; grep -v Warning "$OUT/bench_nopdl.log" | tail -22
     NANOVLLM_LIT_NORM_KERNEL=0 timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 > "$OUT/bench_nonorm.log" 2>&1
     echo "bench (norm kernel off) rc $?"; grep -v Warning "$OUT/bench_nonorm.log" | tail -5 ;;
-  baseline) # 2026-12-07 (second session): 08 and 10a cells (not run on a GPU since PDL), engine vs HF, the three workloads
-    for ch in 08_model_runner 10a_triton_kernels; do
-      timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
-      grep -v "Warning\|ok (" "$OUT/cells_$ch.log" | tail -6
-    done
-    timeout 150 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
-    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
-    timeout 200 python3 -m nanovllm_lit.bench --shape 1x128x256,256x512x512,W --profile > "$OUT/bench.log" 2>&1
-    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90 ;;
-  attn)     # 2026-12-07: decode attention's configurations per batch shape of W (best vs default, ratio to copy), the attention check
-    timeout 170 python3 tests/gpu_attention_sweep.py --budget-s 120 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
-    echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
-    for cfg in '{}' "$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/attn_best.json'))['256 x 530']))")"; do
-      timeout 120 python3 -c "import json, sys; from nanovllm_lit.layers import triton_kernels as tk; \
-tk.DECODE_CONFIG.update(json.loads(sys.argv[1])); print('decode config', tk.DECODE_CONFIG); \
-from nanovllm_lit.bench import main; main(['--shape', '256x512x512,W'])" "$cfg" > "$OUT/attn_engine.log" 2>&1
-      echo "engine with $cfg rc $?"; grep -E "decode config|Throughput|ratio" "$OUT/attn_engine.log"
-    done
-    timeout 90 python3 tests/gpu_attention_check.py > "$OUT/attn_check.log" 2>&1; echo "attention check rc $?"
-    sed -n '/==== summary/,$p' "$OUT/attn_check.log" ;;
   day)      # 2026-12-07 (second session), one call: the workloads with every step timed (17a's step table), decode
             # attention's configurations (10a), and whether a Triton matmul beats cuBLAS at 32-256 rows
     timeout 190 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
@@ -117,5 +95,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | baseline | attn | day | splitk | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | splitk | tp"; exit 2 ;;
 esac
