@@ -6,6 +6,8 @@ num_stages) of a small grid, and prints the default configuration's bandwidth, t
 ratio to this card's copy bandwidth, measured in the same run. Afterwards every fifth configuration's output is
 checked against the default's (bf16, 2e-2). Takes about `--budget-s` seconds (150), shared by the shapes;
 `--write F` saves each shape's winner to F (JSON) for a run of the engine with it.
+`--splits` instead times the default tiles at split counts 1-16 for the mid-size batches of W (64-128 sequences,
+where `decode_num_splits` picks 1 split: 512-1024 programs on ~130 SMs), and prints the best count next to the default.
 """
 import itertools, sys, time
 from pathlib import Path
@@ -25,6 +27,16 @@ g = torch.Generator().manual_seed(0)
 shapes = [("256 x U[100,2048]", torch.randint(100, 2049, (256,), generator=g).tolist()),
           ("256 x 530", [530] * 256), ("128 x 1200", [1200] * 128), ("32 x 1500", [1500] * 32),
           ("8 x 1800", [1800] * 8), ("2 x 2000", [2000] * 2)]
+if "--splits" in sys.argv:
+    for n, ctx in ((32, 1500), (48, 1400), (64, 1300), (96, 1200), (128, 1100), (192, 900)):
+        r = {S: tk.benchmark_decode(n, ctx, num_splits=S) for S in (1, 2, 3, 4, 6, 8, 16)}
+        d = tk.benchmark_decode(n, ctx)
+        bw = lambda x: x["gbytes"] * 1e9 / (x["ms"] * 1e-3) / copy
+        best = min(r, key=lambda S: r[S]["ms"])
+        print(f"{n:3d} x {ctx}: default {d['num_splits']} splits {d['ms'] * 1e3:6.1f} us ({bw(d):.2f} of copy) | best "
+              f"{best} splits {r[best]['ms'] * 1e3:6.1f} us ({bw(r[best]):.2f}) | " +
+              " ".join(f"{S}:{bw(x):.2f}" for S, x in r.items()))
+    sys.exit(0)
 grid = [dict(block_n=bn, num_warps=w, num_stages=s)
         for bn, w, s in itertools.product((64, 32, 128), (4, 2, 8), (2, 3, 4))]
 failures, winners = 0, {}

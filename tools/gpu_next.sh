@@ -13,7 +13,12 @@
 #   bash tools/gpu_next.sh pdl      2026-12-07: 09a/12b cells, engine vs HF, the workloads with PDL / the norm kernel on, off
 #   bash tools/gpu_next.sh day      2026-12-07: the workloads with the step table, decode attention's tile sweep, and
 #                                   the Triton-matmul-vs-cuBLAS experiment at 32-256 rows (tests/gpu_gemm_bench.py)
-#   bash tools/gpu_next.sh splitk   not yet run: split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
+#   bash tools/gpu_next.sh splitk   (run 2026-12-07 inside h200) split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
+#   bash tools/gpu_next.sh h200     2026-12-07 (third session), one call on an H200: engine vs HF, the workloads with
+#                                   the step table (item 5), then the split-K experiment and decode
+#                                   attention's split count at 32-192 sequences
+#   bash tools/gpu_next.sh norm     2026-12-07 (third session): 09a's norm read on the way in (cells on the GPU, engine
+#                                   vs HF), then batch 1 with it on and off (NANOVLLM_LIT_FUSED_NORM=0), twice each
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -82,6 +87,23 @@ case "${1:-check}" in
     timeout 120 python3 tests/gpu_attention_sweep.py --budget-s 75 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
     echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
     timeout 120 python3 tests/gpu_gemm_bench.py > "$OUT/gemm.log" 2>&1; echo "gemm rc $?"; grep -v Warning "$OUT/gemm.log" | tail -40 ;;
+  h200)
+    timeout 140 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    timeout 200 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
+    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90
+    timeout 150 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16
+    timeout 60 python3 tests/gpu_attention_sweep.py --splits > "$OUT/attn_splits.log" 2>&1; echo "splits rc $?"; grep -v Warning "$OUT/attn_splits.log" | tail -8 ;;
+  norm)
+    timeout 100 python3 tools/run_cells.py nbs/09a_gemv.ipynb > "$OUT/cells_09a.log" 2>&1; echo "09a cells rc $?"
+    grep -v "Warning\|ok (" "$OUT/cells_09a.log" | tail -12
+    timeout 130 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    for run in 1 2; do for fused in 1 0; do
+      NANOVLLM_LIT_FUSED_NORM=$fused timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 $([ $run = 1 ] && echo --profile) \
+        > "$OUT/bench_norm${fused}_$run.log" 2>&1; echo "batch 1, fused norm=$fused (run $run) rc $?"
+      grep -E "Throughput|ratio|decode, batch 1|per decode step|GPU, ms|matmul|fused norm" "$OUT/bench_norm${fused}_$run.log"
+    done; done ;;
   splitk)   # not yet run (2026-12-07: no device time left): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
     timeout 170 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
@@ -95,5 +117,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | splitk | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tp"; exit 2 ;;
 esac
