@@ -141,15 +141,22 @@ def test_tiny_model_logits_equal_with_the_gemv_forced(arch, tmp_path, monkeypatc
         finally:
             reset_context()
 
-    calls = []
+    calls, normed = [], []
     real = gemv_triton.gemv
-    monkeypatch.setattr(gemv_triton, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(gemv_triton, "gemv", lambda *a, **k: calls.append(a[0].shape) or
+                        normed.append(k.get("norm") is not None) or real(*a, **k))
     ref_hidden, ref_logits = run()
     assert not calls                                                     # the CPU path: F.linear
     with force_gemv(): hidden, logits = run()
     n_linear = 4 * cfg.num_hidden_layers + 1                             # qkv, o, gate_up, down per layer; lm_head
     assert len(calls) == n_linear and calls[-1] == (3, cfg.hidden_size)  # the LM head: the 3 last tokens
     assert calls[3] == (14, 2 * cfg.intermediate_size)                   # down_proj read [gate | up]: SiLU fused
+    assert sum(normed) == 2 * cfg.num_hidden_layers and normed[0] and normed[2]   # qkv_proj, gate_up_proj: norm fused
+    monkeypatch.setenv("NANOVLLM_LIT_FUSED_NORM", "0")                   # the switch: norms as their own step
+    normed.clear()
+    with force_gemv(): _, unfused_logits = run()
+    assert not any(normed)
+    torch.testing.assert_close(unfused_logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
     assert logits.shape == (3, cfg.vocab_size)
     scale = ref_logits.abs().max().item()
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * scale)
@@ -167,13 +174,16 @@ def build(fn, types, const):
     triton.compile(ASTSource(fn=fn, signature={n: sig[n] for n in fn.arg_names}, constexprs=const),
                    target=GPUTarget("cuda", 90, 32))
 types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", lock_ptr="*i32", M="i32", N="i32", K="i32",
-             stride_xm="i32", stride_wn="i32", k_len="i32")
+             stride_xm="i32", stride_wn="i32", k_len="i32",
+             res_ptr="*bf16", g_ptr="*bf16", res_out_ptr="*bf16", eps="fp32")
 for bm, bn, bk, dot in ((1, 4, 512, False), (4, 8, 256, False), (16, 32, 256, True), (16, 32, 128, True)):
     for partial, bias, fold in ((False, True, False), (True, False, False), (True, True, True), (True, False, True)):
         t = {**types, "out_ptr": "*fp32"} if partial else types
-        for act, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        for act, norm, pdl in ((False, 0, False), (True, 0, False), (False, 0, True), (True, 0, True),
+                               (False, 1, True), (False, 2, False), (False, 2, True)):
+            if norm and partial: continue                                    # gemv never splits K under a norm
             build(g._gemv_kernel, t, dict(BM=bm, BN=bn, BK=bk, DOT=dot, UPCAST=False, PARTIAL=partial, HAS_BIAS=bias,
-                                          FOLD=fold, ACT=act, PDL=pdl))
+                                          FOLD=fold, ACT=act, NORM=norm, PDL=pdl))
 build(g._sum_splits_kernel, dict(part_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", S="i32"),
       dict(BN=1024, HAS_BIAS=True))
 print("compiled")
@@ -185,9 +195,10 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from nanovllm_lit.layers import gemv_triton as g
 types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", y_ptr="*bf16", lock_ptr="*i32", M="i32",
-             N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32")
+             N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32", res_ptr="*bf16", g_ptr="*bf16",
+             res_out_ptr="*bf16", eps="fp32")
 const = dict(BM=1, BN=16, BK=256, DOT=False, UPCAST=False, PARTIAL=True, HAS_BIAS=False, FOLD=True, ACT=False,
-             PDL=PDL)
+             NORM=0, PDL=PDL)
 sig = {**types, **{k: "constexpr" for k in const}}
 k = triton.compile(ASTSource(fn=g._gemv_kernel, signature={n: sig[n] for n in g._gemv_kernel.arg_names},
                              constexprs=const), target=GPUTarget("cuda", 90, 32))
@@ -206,6 +217,13 @@ def test_pdl_gemv_loads_weights_before_its_wait_and_writes_after(triton_for_hopp
     assert wait[0] < min(at("st.global") + at("atom.")), "a store or atomic before the wait"
     plain = triton_for_hopper("PDL = False" + _FOLD_PTX)
     assert "griddepcontrol" not in plain
+    # the norm's variant (09a, "The norm, read on the way in"): it also stores the new residual, after the wait too
+    norm = triton_for_hopper("PDL = True" + _FOLD_PTX.replace("PARTIAL=True", "PARTIAL=False").replace(
+        "FOLD=True", "FOLD=False").replace("NORM=0", "NORM=2"))
+    lines = [ln.strip() for ln in norm.splitlines()]
+    wait = at("griddepcontrol.wait")
+    assert len(wait) == 1 and min(at("ld.global")) < wait[0] < min(at("st.global"))
+    assert len(at("st.global")) >= 2                                     # y and the residual
 
 
 def test_folded_split_k_orders_its_memory_accesses_in_ptx(triton_for_hopper):

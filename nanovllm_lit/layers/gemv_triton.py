@@ -29,59 +29,76 @@ def gemv_error(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
     ref = gemv_reference(x, weight, bias)
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
+# %% ../../nbs/09a_gemv.ipynb #5eb984c3
+@triton.jit
+def _load_x(x_ptr, offs, mask, K, kk, ACT: tl.constexpr, NORM: tl.constexpr, res_ptr, g_ptr, res_out_ptr, block):
+    "A tile of x as the product reads it -> (tile in x's dtype, the squares of the rows' values in fp32, for NORM)."
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)              # plain: x itself
+    xf = x.to(tl.float32)
+    if ACT:                        # "The activation, read on the way in": x = [gate | up] (M, 2K) -> silu(gate) * up
+        up = tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
+        x = (xf / (1.0 + tl.exp(-xf)) * up).to(x_ptr.dtype.element_ty)
+    if NORM:                       # "The norm, read on the way in": (x [+ residual]) * the norm's weight
+        if NORM == 2:              # the residual add, rounded as in chapter 12; column block 0 stores the sum
+            xf = (xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + offs, xf, mask=mask & (tl.zeros_like(offs) + block == 0))
+            xf = xf.to(tl.float32)
+        x = (xf * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x, xf * xf
+
 # %% ../../nbs/09a_gemv.ipynb #1afec121
 @triton.jit
-def _load_x(x_ptr, offs, mask, K, ACT: tl.constexpr):
-    "A tile of x; with ACT, of silu(gate) * up from x = [gate | up] (M, 2K), in fp32 and rounded to x's dtype."
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if ACT:                                                      # the activation, read on the way in (below)
-        gate, up = x.to(tl.float32), tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
-        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
-    return x
-
-@triton.jit
-def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
-    "sum over k in [k_start, k_start + k_len) of x[m, k] * w[n, k], on CUDA cores: (BM, BN) fp32."
+def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n, res_ptr, g_ptr, res_out_ptr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
+                 PDL: tl.constexpr):
+    "sum over k in [k_start, k_start + k_len) of x[m, k] * w[n, k], on CUDA cores: (BM, BN) fp32; and (BM, 1) sum x^2."
     m = tl.arange(0, BM)[:, None, None]                          # (BM, 1, 1)
     n = (pid_n * BN + tl.arange(0, BN))[None, :, None]           # (1, BN, 1)
     k = tl.arange(0, BK)[None, None, :]                          # (1, 1, BK): contiguous in memory
-    acc = tl.zeros([BM, BN, BK], tl.float32)
+    acc, sq = tl.zeros([BM, BN, BK], tl.float32), tl.zeros([BM, 1, BK], tl.float32)
     if PDL:                         # the first step, its weights loaded before the wait (10a): no kernel writes them
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k_start + k, mask=(n < N) & (k_start + k < K), other=0.0)
         _wait_for_previous_kernel(PDL)
-        x = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, ACT)
+        x, x2 = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, k_start + k, ACT, NORM,
+                        res_ptr, g_ptr, res_out_ptr, pid_n)
         acc += x.to(tl.float32) * w.to(tl.float32)
+        if NORM: sq += x2
     for k0 in range(BK * PDL, k_len, BK):                        # (the same steps, in the same order, either way)
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (1, BN, BK)
-        x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, 1, BK)
+        x, x2 = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, kk, ACT, NORM,            # (BM, 1, BK)
+                        res_ptr, g_ptr, res_out_ptr, pid_n)
         acc += x.to(tl.float32) * w.to(tl.float32)
-    return tl.sum(acc, 2)                                         # subtle: one reduction over K, after the loop
+        if NORM: sq += x2
+    return tl.sum(acc, 2), tl.sum(sq, 2)                         # subtle: one reduction over K, after the loop
 
 @triton.jit
-def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n,
+def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pid_n, res_ptr, g_ptr, res_out_ptr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, ACT: tl.constexpr,
-                 PDL: tl.constexpr):
-    "The same sum on tensor cores (BM >= 16; bf16 or fp16 inputs): (BM, BN) fp32."
+                 NORM: tl.constexpr, PDL: tl.constexpr):
+    "The same sums on tensor cores (BM >= 16; bf16 or fp16 inputs): (BM, BN) and (BM, 1) fp32."
     m = tl.arange(0, BM)[:, None]                                # (BM, 1)
     n = (pid_n * BN + tl.arange(0, BN))[:, None]                 # (BN, 1)
     k = tl.arange(0, BK)[None, :]                                # (1, BK)
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc, sq = tl.zeros([BM, BN], tl.float32), tl.zeros([BM, BK], tl.float32)
     if PDL:                                                      # as in _partial_fma
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + k_start + k, mask=(n < N) & (k_start + k < K), other=0.0)
         _wait_for_previous_kernel(PDL)
-        x = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, ACT)
+        x, x2 = _load_x(x_ptr, m * stride_xm + k_start + k, (m < M) & (k_start + k < K), K, k_start + k, ACT, NORM,
+                        res_ptr, g_ptr, res_out_ptr, pid_n)
+        if NORM: sq += x2
         if UPCAST: x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)
     for k0 in range(BK * PDL, k_len, BK):
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (BN, BK)
-        x = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, ACT)                          # (BM, BK)
+        x, x2 = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, kk, ACT, NORM,            # (BM, BK)
+                        res_ptr, g_ptr, res_out_ptr, pid_n)
+        if NORM: sq += x2
         if UPCAST:                 # subtle: Triton's interpreter multiplies bf16 tiles as integers; fp32 is exact
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)                        # (BM, BK) @ (BK, BN)
-    return acc
+    return acc, tl.sum(sq, 1)[:, None]
 
 # %% ../../nbs/09a_gemv.ipynb #c3266e60
 @triton.jit
@@ -101,15 +118,18 @@ def _fold_splits(part_ptr, b_ptr, y_ptr, lock_ptr, M, N, pid_n, m, n, mask,
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, y_ptr, lock_ptr, M, N, K, stride_xm, stride_wn, k_len,
+                 res_ptr, g_ptr, res_out_ptr, eps,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr,
                  PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr, ACT: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 NORM: tl.constexpr = 0, PDL: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     if DOT:
-        acc = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, UPCAST, ACT,
-                           PDL)
+        acc, sq = _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, res_ptr, g_ptr,
+                               res_out_ptr, BM, BN, BK, UPCAST, ACT, NORM, PDL)
     else:
-        acc = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, BM, BN, BK, ACT, PDL)
+        acc, sq = _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, pid_k * k_len, k_len, pid_n, res_ptr, g_ptr,
+                               res_out_ptr, BM, BN, BK, ACT, NORM, PDL)
+    if NORM: acc = acc / tl.sqrt(sq / K + eps)                   # (BM, 1): each row's root mean square (below)
     m = tl.arange(0, BM)[:, None]
     n = pid_n * BN + tl.arange(0, BN)[None, :]
     mask = (m < M) & (n < N)
@@ -173,10 +193,12 @@ def split_locks(device) -> torch.Tensor | None:
     return _LOCKS[device]
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: dict | None = None,
-         act: str | None = None) -> torch.Tensor:
+         act: str | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None):
     "y = x @ weight.T (+ bias) for x (M, K), 1 <= M <= GEMV_MAX_M, weight (N, K): fp32 accumulation, x's dtype."
     # act="silu_mul": x is [gate | up] (M, 2K) and y = (silu(gate) * up) @ weight.T (see "The activation ...")
+    # norm=(g, eps): -> (rms_norm(x [+ residual]) * g @ weight.T, x [+ residual]) (see "The norm ...")
     if act not in (None, "silu_mul"): raise ValueError(f"gemv: act must be None or 'silu_mul', got {act!r}")
+    if norm is not None: x, residual = _check_norm(x, weight, act, norm, residual)
     width = weight.size(-1) * (2 if act else 1)
     if x.dim() != 2 or weight.dim() != 2 or x.size(1) != width:
         raise ValueError(f"gemv: x (M, {'2K' if act else 'K'}) and weight (N, K) expected, got {tuple(x.shape)} and "
@@ -190,6 +212,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if N == 0 or K == 0: return y.zero_() if bias is None else y.copy_(bias.expand(M, N))
     cfg = {**gemv_config(M, N, K, x.dtype, x.device), **(config or {})}
+    if norm is not None: cfg["split_k"] = 1                      # the norm needs each row whole, in one program
+    res_out = y if residual is None else torch.empty_like(x)
     dot = bool(cfg["dot"]) and x.dtype != torch.float32
     bn, bk = cfg["block_n"], cfg["block_k"]
     k_len = triton.cdiv(triton.cdiv(K, cfg["split_k"]), bk) * bk   # K per program, in whole BK steps
@@ -200,9 +224,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = pdl_enabled(x.device)                                   # "Weights before the wait", below
     _gemv_kernel[(blocks, split)](
         x, weight, b, out, y, y if locks is None else locks, M, N, K, x.stride(0), weight.stride(0), k_len,
+        y if residual is None else residual, y if norm is None else norm[0], res_out, 0.0 if norm is None else norm[1],
         BM=max(m_bucket(M), 16) if dot else m_bucket(M), BN=bn, BK=bk, DOT=dot, UPCAST=INTERPRET, PARTIAL=split > 1,
-        HAS_BIAS=bias is not None, FOLD=locks is not None, ACT=act is not None, PDL=pdl,
+        HAS_BIAS=bias is not None, FOLD=locks is not None, ACT=act is not None,
+        NORM=0 if norm is None else 1 if residual is None else 2, PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(pdl))
     if split > 1 and locks is None:
         _sum_splits_kernel[(M, triton.cdiv(N, 1024))](out, b, y, M, N, split, BN=1024, HAS_BIAS=bias is not None)
-    return y
+    return y if norm is None else (y, x if residual is None else res_out)
+
+# %% ../../nbs/09a_gemv.ipynb #265d8038
+def _check_norm(x, weight, act, norm, residual):
+    "gemv's checks for `norm=(g, eps)` -> x and residual with contiguous rows (the kernel gives them one offset)."
+    if act is not None: raise ValueError("gemv: act and norm cannot be combined")
+    g, eps = norm
+    K = weight.size(-1) if weight.dim() == 2 else -1
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != (K,) or g.dtype != x.dtype:
+        raise ValueError(f"gemv: the norm's weight must be ({K},) in x's dtype {x.dtype}, got "
+                         f"{tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__}")
+    if not float(eps) > 0: raise ValueError(f"gemv: the norm's eps must be > 0, got {eps}")
+    if weight.size(0) == 0 or K == 0: raise ValueError("gemv: the norm needs N >= 1 and K >= 1")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual must match x, {tuple(x.shape)} {x.dtype}; got {tuple(residual.shape)} "
+                         f"{residual.dtype}")
+    return x.contiguous(), None if residual is None else residual.contiguous()

@@ -12,8 +12,9 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['GEMV_MAX_M', 'get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide', 'LinearBase',
-           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'uses_gemv_silu_mul', 'ReplicatedLinear',
-           'ColumnParallelLinear', 'MergedColumnParallelLinear', 'QKVParallelLinear', 'RowParallelLinear']
+           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'uses_gemv_silu_mul', 'uses_gemv_norm',
+           'ReplicatedLinear', 'ColumnParallelLinear', 'MergedColumnParallelLinear', 'QKVParallelLinear',
+           'RowParallelLinear']
 
 # %% ../../nbs/09_linear.ipynb #141f3969
 _FAKE_TP: tuple[int, int] | None = None  # (rank, size) while inside `fake_tp`, else None
@@ -121,6 +122,11 @@ def uses_gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.
     return (gate_up.dim() > 0 and gate_up.size(-1) == 2 * k and uses_gemv(gate_up[..., :k], weight, bias)
             and os.environ.get("NANOVLLM_LIT_FUSED_ACT", "1") != "0")
 
+def uses_gemv_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor) -> bool:
+    "Whether `linear(rms_norm(x [+ residual]), weight, bias)` may run as one GEMV that normalises as it reads (09a)."
+    return (uses_gemv(x, weight, bias) and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
+            and os.environ.get("NANOVLLM_LIT_FUSED_NORM", "1") != "0")   # switch: =0 keeps the norm's own kernel
+
 # %% ../../nbs/09_linear.ipynb #d8031c22
 class ReplicatedLinear(LinearBase):
     "A linear layer whose full weight lives on every rank."
@@ -149,6 +155,14 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)  # (..., in) -> (..., out / tp_size)
+
+    def forward_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float):
+        "`forward(rms_norm(x [+ residual]))` -> (y, x [+ residual]) as one GEMV (09a), where `uses_gemv_norm` says yes."
+        from nanovllm_lit.layers.gemv_triton import gemv
+        x2 = x.reshape(-1, x.size(-1))
+        y, r = gemv(x2, self.weight, self.bias, norm=(norm_weight, eps),
+                    residual=None if residual is None else residual.reshape(x2.shape))
+        return y.view(*x.shape[:-1], -1), r.view(x.shape)
 
 # %% ../../nbs/09_linear.ipynb #408f69e6
 class MergedColumnParallelLinear(ColumnParallelLinear):

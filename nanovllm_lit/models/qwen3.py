@@ -10,7 +10,8 @@ from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention
 from ..layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from ..layers.layernorm import RMSNorm
-from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, uses_gemv_silu_mul
+from ..layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                       uses_gemv_norm, uses_gemv_silu_mul)
 from ..layers.rotary_embedding import check_rope_scaling, get_rope, rope_scaling_of, rope_theta_of
 from ..utils.context import get_context
 
@@ -45,7 +46,10 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=rms_norm_eps) if qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)                                   # (N, q_size + 2 kv_size)
+        return self.attend(positions, self.qkv_proj(hidden_states))          # (N, q_size + 2 kv_size)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        "Everything after `qkv_proj`: (N, q_size + 2 kv_size) -> (N, hidden)."
         if self.attn.backend != "torch" and _epilogue().uses_qkv_epilogue(self.attn.backend, qkv):
             # kernel backends: chapter 12b's one kernel does the norms, RoPE and the KV-cache write below
             return self.o_proj(self.attn(*self.fused_epilogue(positions, qkv), kv_stored=True).flatten(1, -1))
@@ -77,7 +81,10 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)                                       # (N, hidden) -> (N, 2I)
+        return self.from_gate_up(self.gate_up_proj(x))                       # (N, hidden) -> (N, 2I)
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        "Everything after `gate_up_proj`: (N, 2I) -> (N, hidden)."
         if uses_gemv_silu_mul(gate_up, self.down_proj.weight, self.down_proj.bias):   # few rows, GPU: chapter 09a
             return self.down_proj.forward_silu_mul(gate_up)                  # the activation read by the GEMV
         return self.down_proj(self.act_fn(gate_up))                          # (N, 2I) -> (N, I) -> (N, hidden)
@@ -100,11 +107,24 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden_states, residual=None):
         "-> (block output, residual stream before it); the caller's next norm adds them."
+        if self.norms_in_gemv(hidden_states):         # a few rows on a GPU: each norm inside the GEMV after it (09a)
+            qkv, residual = self.self_attn.qkv_proj.forward_norm(hidden_states, residual, self.input_layernorm.weight,
+                                                                 self.input_layernorm.eps)
+            norm = self.post_attention_layernorm
+            gate_up, residual = self.mlp.gate_up_proj.forward_norm(self.self_attn.attend(positions, qkv), residual,
+                                                                   norm.weight, norm.eps)
+            return self.mlp.from_gate_up(gate_up), residual
         if residual is None: hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
         else: hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    def norms_in_gemv(self, x: torch.Tensor) -> bool:
+        "Whether both norms run inside the projection after them (chapter 09's `uses_gemv_norm`)."
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        return (uses_gemv_norm(x, qkv.weight, qkv.bias, self.input_layernorm.weight) and
+                uses_gemv_norm(x, gate_up.weight, gate_up.bias, self.post_attention_layernorm.weight))
 
 def _check_supported(hf_config) -> None:
     layer_types = getattr(hf_config, "layer_types", None) or []
