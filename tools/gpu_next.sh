@@ -99,7 +99,7 @@ case "${1:-check}" in
     grep -v "Warning\|ok (" "$OUT/cells_09a.log" | tail -12
     timeout 130 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
-    for run in 1 2; do for fused in 1 0; do
+    for run in ${NORM_RUNS:-1 2}; do for fused in 1 0; do
       NANOVLLM_LIT_FUSED_NORM=$fused timeout 80 python3 -m nanovllm_lit.bench --shape 1x128x256 $([ $run = 1 ] && echo --profile) \
         > "$OUT/bench_norm${fused}_$run.log" 2>&1; echo "batch 1, fused norm=$fused (run $run) rc $?"
       grep -E "Throughput|ratio|decode, batch 1|per decode step|GPU, ms|matmul|fused norm" "$OUT/bench_norm${fused}_$run.log"
