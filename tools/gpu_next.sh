@@ -104,7 +104,7 @@ case "${1:-check}" in
         > "$OUT/bench_norm${fused}_$run.log" 2>&1; echo "batch 1, fused norm=$fused (run $run) rc $?"
       grep -E "Throughput|ratio|decode, batch 1|per decode step|GPU, ms|matmul|fused norm" "$OUT/bench_norm${fused}_$run.log"
     done; done ;;
-  splitk)   # not yet run (2026-12-07: no device time left): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
+  splitk)   # run 2026-12-07 (inside h200; chapter 17): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
     timeout 170 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2

@@ -41,7 +41,8 @@ def _load_x(x_ptr, offs, mask, K, kk, ACT: tl.constexpr, NORM: tl.constexpr, res
     if NORM:                       # "The norm, read on the way in": (x [+ residual]) * the norm's weight
         if NORM == 2:              # the residual add, rounded as in chapter 12; column block 0 stores the sum
             xf = (xf + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-            tl.store(res_out_ptr + offs, xf, mask=mask & (tl.zeros_like(offs) + block == 0))
+            tl.store(res_out_ptr + offs, xf, mask=mask & (tl.zeros_like(offs) + block == 0))   # (a tensor: the
+            #   interpreter refuses a scalar `block == 0` in a mask)
             xf = xf.to(tl.float32)
         x = (xf * tl.load(g_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
     return x, xf * xf
