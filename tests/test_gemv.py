@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm_lit.layers import gemv_triton
+from nanovllm_lit.layers import gemv_triton, linear as linear_mod
 from nanovllm_lit.layers.gemv_triton import GEMV_TOLERANCE, gemv, gemv_config, gemv_error, m_bucket
 from nanovllm_lit.layers.linear import (GEMV_MAX_M, MergedColumnParallelLinear, RowParallelLinear, fake_tp,
                                         force_gemv, gemv_enabled, linear, uses_gemv)
@@ -147,6 +147,10 @@ def test_tiny_model_logits_equal_with_the_gemv_forced(arch, tmp_path, monkeypatc
                         normed.append(k.get("norm") is not None) or real(*a, **k))
     ref_hidden, ref_logits = run()
     assert not calls                                                     # the CPU path: F.linear
+    with force_gemv(): run()                                             # 14 rows: the norm stays its own kernel
+    assert len(calls) == 4 * cfg.num_hidden_layers + 1 and not any(normed)   # (09's GEMV_NORM_MAX_M = 1)
+    calls.clear(); normed.clear()
+    monkeypatch.setattr(linear_mod, "GEMV_NORM_MAX_M", 16)               # the fused kernel at 14 rows: correct too
     with force_gemv(): hidden, logits = run()
     n_linear = 4 * cfg.num_hidden_layers + 1                             # qkv, o, gate_up, down per layer; lm_head
     assert len(calls) == n_linear and calls[-1] == (3, cfg.hidden_size)  # the LM head: the 3 last tokens
@@ -224,6 +228,48 @@ def test_pdl_gemv_loads_weights_before_its_wait_and_writes_after(triton_for_hopp
     wait = at("griddepcontrol.wait")
     assert len(wait) == 1 and min(at("ld.global")) < wait[0] < min(at("st.global"))
     assert len(at("st.global")) >= 2                                     # y and the residual
+
+
+def test_pdl_early_release_comes_before_the_wait_and_every_write_after(triton_for_hopper):
+    "NANOVLLM_LIT_PDL=early (PDL = 2, chapter 10a): launch_dependents, then the wait; weights still load before it."
+    lines = [ln.strip() for ln in triton_for_hopper("PDL = 2" + _FOLD_PTX).splitlines()]
+    at = lambda word: [i for i, ln in enumerate(lines) if word in ln and not ln.startswith("//")]
+    wait, release = at("griddepcontrol.wait"), at("griddepcontrol.launch_dependents")
+    assert len(wait) == 1 and len(release) == 1 and release[0] < wait[0]
+    assert min(at("ld.global")) < wait[0] < min(at("st.global") + at("atom."))
+
+
+def test_pdl_mode_from_the_environment(monkeypatch):
+    "pdl_enabled: 0 without CUDA whatever the switch says; a value other than 0, 1 or early is an error naming it."
+    from nanovllm_lit.layers.triton_kernels import pdl_enabled
+    for mode in ("0", "1", "early"):
+        monkeypatch.setenv("NANOVLLM_LIT_PDL", mode)
+        assert pdl_enabled("cpu") == 0
+    monkeypatch.setenv("NANOVLLM_LIT_PDL", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_LIT_PDL.*'yes'"): pdl_enabled("cpu")
+
+
+@pytest.mark.parametrize("K", [64, 1000, 1024, 2048, 3072, 5000, 20000])
+def test_one_row_tiles_take_each_programs_slice_in_one_step(K):
+    "One row, bf16 (09a's `_one_row`): each program's slice of K is one tile of <= 2,048 columns (so PDL loads all of"
+    " it before the wait), unless K > 8 x 1,024; the product is still right (Triton's interpreter)."
+    cfg = gemv_config(1, 96, K, torch.bfloat16)
+    k_len = -(-(-(-K // cfg["split_k"])) // cfg["block_k"]) * cfg["block_k"]     # as gemv computes it
+    assert cfg["block_k"] <= 2048 and (k_len == cfg["block_k"] or K > 8 * 1024) and k_len * cfg["split_k"] >= K
+    assert -(-K // k_len) == cfg["split_k"] or K > 8 * 1024                       # no empty slice
+    if K in (1000, 3072):
+        g = torch.Generator().manual_seed(K)
+        x, w = torch.randn(1, K, generator=g).bfloat16(), torch.randn(96, K, generator=g).bfloat16()
+        assert gemv_error(gemv(x, w), x, w) <= GEMV_TOLERANCE[torch.bfloat16]
+
+
+def test_the_fused_norm_is_kept_to_one_row():
+    "09's uses_gemv_norm: one row yes, two rows no (GEMV_NORM_MAX_M), the GEMV itself still yes."
+    from nanovllm_lit.layers.linear import force_gemv, uses_gemv, uses_gemv_norm
+    w, g = torch.randn(8, 16), torch.randn(16)
+    with force_gemv():
+        assert uses_gemv_norm(torch.randn(1, 16), w, None, g)
+        assert uses_gemv(torch.randn(2, 16), w) and not uses_gemv_norm(torch.randn(2, 16), w, None, g)
 
 
 def test_folded_split_k_orders_its_memory_accesses_in_ptx(triton_for_hopper):

@@ -19,6 +19,8 @@
 #                                   attention's split count at 32-192 sequences
 #   bash tools/gpu_next.sh norm     2026-12-07 (third session): 09a's norm read on the way in (cells on the GPU, engine
 #                                   vs HF), then batch 1 with it on and off (NANOVLLM_LIT_FUSED_NORM=0), twice each
+#   bash tools/gpu_next.sh tiles    2026-12-07 (fourth session): engine vs HF, then tests/gpu_pdl_bench.py: the one-row
+#                                   whole-slice tiles vs BK = 512, the fused norm at 1 vs 16 rows, at batch 1 and 16
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -106,6 +108,12 @@ case "${1:-check}" in
     done; done ;;
   splitk)   # run 2026-12-07 (inside h200; chapter 17): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
     timeout 170 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16 ;;
+  tiles)
+    timeout 130 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    timeout 440 python3 tests/gpu_pdl_bench.py --budget-s 400 --rows 1,16 --shapes 1x128x256,16x128x256 \
+      --ways 1:today,1:old,1:today+norm16 --env NANOVLLM_LIT_FUSED_NORM=0 > "$OUT/tiles.log" 2>&1
+    echo "tiles rc $?"; grep -v "Warning\|^  host\|^    [a-z]" "$OUT/tiles.log" | tail -80 ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -117,5 +125,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tiles | tp"; exit 2 ;;
 esac

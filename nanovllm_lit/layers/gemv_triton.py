@@ -64,7 +64,7 @@ def _partial_fma(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
                         res_ptr, g_ptr, res_out_ptr, pid_n)
         acc += x.to(tl.float32) * w.to(tl.float32)
         if NORM: sq += x2
-    for k0 in range(BK * PDL, k_len, BK):                        # (the same steps, in the same order, either way)
+    for k0 in range(BK * (PDL > 0), k_len, BK):                  # (the same steps, in the same order, either way)
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (1, BN, BK)
         x, x2 = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, kk, ACT, NORM,            # (BM, 1, BK)
@@ -90,7 +90,7 @@ def _partial_dot(x_ptr, w_ptr, M, N, K, stride_xm, stride_wn, k_start, k_len, pi
         if NORM: sq += x2
         if UPCAST: x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc)
-    for k0 in range(BK * PDL, k_len, BK):
+    for k0 in range(BK * (PDL > 0), k_len, BK):
         kk = k_start + k0 + k
         w = tl.load(w_ptr + n.to(tl.int64) * stride_wn + kk, mask=(n < N) & (kk < K), other=0.0)   # (BN, BK)
         x, x2 = _load_x(x_ptr, m * stride_xm + kk, (m < M) & (kk < K), K, kk, ACT, NORM,            # (BM, BK)
@@ -151,10 +151,10 @@ def _sum_splits_kernel(part_ptr, b_ptr, y_ptr, M, N, S, BN: tl.constexpr, HAS_BI
     tl.store(y_ptr + row * N + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
 
 # %% ../../nbs/09a_gemv.ipynb #8169b9c3
-_ONE_ROW = dict(block_n=4, block_k=512, split_k=1, num_warps=4, dot=False)
+_ONE_ROW = dict(block_n=4, num_warps=4, dot=False)
 _DOT = dict(block_n=32, block_k=256, num_warps=4, dot=True)
 # (N, K, BM) -> config keys that override the heuristic: the sweep's best on an H100 (2026-12-06), Qwen3-0.6B
-GEMV_CONFIG: dict[tuple[int, int, int], dict] = {(1024, 3072, 1): dict(_ONE_ROW, split_k=4)}   # down_proj, 1 row
+GEMV_CONFIG: dict[tuple[int, int, int], dict] = {}
 for bm in (2, 4, 8, 16):
     GEMV_CONFIG[1024, 3072, bm] = dict(_DOT, block_k=128, split_k=8)                # down_proj
     for n in (4096, 6144): GEMV_CONFIG[n, 1024, bm] = dict(_DOT, split_k=1)         # qkv_proj, gate_up_proj
@@ -170,15 +170,21 @@ def _sm_count(device) -> int:
     if device not in _SMS: _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SMS[device]
 
+def _one_row(K: int) -> dict:
+    "One row, 16-bit: each program's whole slice of K as one tile, at most 2,048 wide (all loaded before PDL's wait)."
+    if K <= 2048: return dict(_ONE_ROW, block_k=triton.next_power_of_2(K), split_k=1)
+    return dict(_ONE_ROW, block_k=1024, split_k=min(-(-K // 1024), 8))   # e.g. down_proj: 3 slices of 1,024
+
 def gemv_config(M: int, N: int, K: int, dtype: torch.dtype, device="cpu") -> dict:
     "Tiles, warps and split-K for (M, K) x (N, K)^T: the heuristic, updated by GEMV_CONFIG's entry for (N, K, BM)."
     bm, sms = m_bucket(M), _sm_count(device)
     if dtype == torch.float32:                                   # CUDA cores (tensor cores would round to tf32)
         cfg = dict(block_n={1: 16, 2: 16, 4: 8}.get(bm, 2), block_k=128, num_warps=4, dot=False)
-    else: cfg = dict(_ONE_ROW if bm == 1 else _DOT)              # 2..16 rows: tensor cores, rows padded to 16
-    tiles, steps = -(-N // cfg["block_n"]), -(-K // cfg["block_k"])
-    per_sm = 1 if bm == 1 and dtype != torch.float32 else 2      # narrow one-row tiles: programs enough already
-    cfg["split_k"] = max(1, min(-(-per_sm * sms // tiles), steps // 2, 8))
+    elif bm == 1: cfg = _one_row(K)                              # narrow one-row tiles: programs enough already
+    else: cfg = dict(_DOT)                                       # 2..16 rows: tensor cores, rows padded to 16
+    if "split_k" not in cfg:                                     # about two programs per SM, >= 2 BK steps each
+        tiles, steps = -(-N // cfg["block_n"]), -(-K // cfg["block_k"])
+        cfg["split_k"] = max(1, min(-(-2 * sms // tiles), steps // 2, 8))
     return {**cfg, "num_stages": 3, "fold": True, **GEMV_CONFIG.get((N, K, bm), {})}
 
 # %% ../../nbs/09a_gemv.ipynb #e8290067

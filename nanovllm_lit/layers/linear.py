@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['GEMV_MAX_M', 'get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide', 'LinearBase',
-           'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'uses_gemv_silu_mul', 'uses_gemv_norm',
+__all__ = ['GEMV_MAX_M', 'GEMV_NORM_MAX_M', 'get_tp_rank', 'get_tp_size', 'tp_collectives_enabled', 'fake_tp', 'divide',
+           'LinearBase', 'gemv_enabled', 'force_gemv', 'uses_gemv', 'linear', 'uses_gemv_silu_mul', 'uses_gemv_norm',
            'ReplicatedLinear', 'ColumnParallelLinear', 'MergedColumnParallelLinear', 'QKVParallelLinear',
            'RowParallelLinear']
 
@@ -85,6 +85,7 @@ class LinearBase(nn.Module):
 # %% ../../nbs/09_linear.ipynb #e58f6bc4
 import os
 GEMV_MAX_M = 16        # rows up to which `linear` uses chapter 09a's GEMV; more rows: F.linear (cuBLAS's GEMM)
+GEMV_NORM_MAX_M = 1    # rows up to which `uses_gemv_norm` says yes (09a, *The norm, read on the way in*)
 _GEMV_FORCED = False   # set by force_gemv()
 
 def gemv_enabled() -> bool:
@@ -125,7 +126,7 @@ def uses_gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.
 def uses_gemv_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor) -> bool:
     "Whether `linear(rms_norm(x [+ residual]), weight, bias)` may run as one GEMV that normalises as it reads (09a)."
     return (uses_gemv(x, weight, bias) and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
-            and os.environ.get("NANOVLLM_LIT_FUSED_NORM", "1") != "0")   # switch: =0 keeps the norm's own kernel
+            and x.numel() // x.size(-1) <= GEMV_NORM_MAX_M and os.environ.get("NANOVLLM_LIT_FUSED_NORM", "1") != "0")   # switch: =0 keeps the norm's own kernel
 
 # %% ../../nbs/09_linear.ipynb #d8031c22
 class ReplicatedLinear(LinearBase):

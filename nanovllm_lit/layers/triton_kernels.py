@@ -83,13 +83,14 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 # %% ../../nbs/10a_triton_kernels.ipynb #0440f933
 _CAPABILITY: dict = {}
 
-def pdl_enabled(device) -> bool:
-    "Whether decode-path kernels on `device` start with programmatic dependent launch: CUDA, sm_90+, NANOVLLM_LIT_PDL != 0."
-    device = torch.device(device)
-    if INTERPRET or device.type != "cuda" or os.environ.get("NANOVLLM_LIT_PDL", "1") == "0": return False
+def pdl_enabled(device) -> int:
+    "How decode-path kernels on `device` use programmatic dependent launch (CUDA, sm_90+): 0 not, 1 or 2 (below)."
+    device, mode = torch.device(device), os.environ.get("NANOVLLM_LIT_PDL", "1")
+    if mode not in ("0", "1", "early"): raise ValueError(f"NANOVLLM_LIT_PDL must be 0, 1 or early, got {mode!r}")
+    if INTERPRET or device.type != "cuda" or mode == "0": return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY: _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
-    return _CAPABILITY[index] >= 9
+    return 0 if _CAPABILITY[index] < 9 else 2 if mode == "early" else 1
 
 def pdl_launch(pdl: bool) -> dict:
     "The launch keyword of a PDL kernel; none otherwise (so the interpreter never sees it)."
@@ -97,8 +98,11 @@ def pdl_launch(pdl: bool) -> dict:
 
 @triton.jit
 def _wait_for_previous_kernel(PDL: tl.constexpr):
-    "With PDL: wait until the earlier kernels have finished and their writes are visible, then let the next one launch."
-    if PDL:
+    "PDL 1: wait until the earlier kernels have finished and their writes are visible, then let the next one launch."
+    if PDL == 2:                   # "Letting the next kernel in first", below: release, then wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    elif PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
