@@ -65,11 +65,14 @@ def chain(M: int, pdl: str, configs: str, failures: list, ref: dict, fused: bool
         def step():
             outs.clear()
             for L in layers:   # the inputs are fixed (not the chain's): every kernel reads what the stream order allows
-                if fused:      # as the engine runs them: norm + residual, SiLU read on the way in
+                if fused and M == 1:   # as the engine runs them: norm + residual (one row), SiLU read on the way in
                     outs.append(gt.gemv(x, L["qkv"], norm=(L["n1"], 1e-6), residual=res)[0])
                     outs.append(gt.gemv(attn, L["o"]))
                     outs.append(gt.gemv(x, L["gu"], norm=(L["n2"], 1e-6), residual=res)[0])
                     outs.append(gt.gemv(gu_in, L["down"], act="silu_mul"))
+                elif fused:
+                    outs.extend([gt.gemv(x, L["qkv"]), gt.gemv(attn, L["o"]), gt.gemv(x, L["gu"]),
+                                 gt.gemv(gu_in, L["down"], act="silu_mul")])
                 else:          # plain products (the norm and SiLU would be kernels of their own)
                     outs.extend([gt.gemv(x, L["qkv"]), gt.gemv(attn, L["o"]), gt.gemv(x, L["gu"]),
                                  gt.gemv(gu_in[:, :I], L["down"])])
