@@ -107,7 +107,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden_states, residual=None):
         "-> (block output, residual stream before it); the caller's next norm adds them."
-        if self.norms_in_gemv(hidden_states):         # a few rows on a GPU: each norm inside the GEMV after it (09a)
+        if self.norms_in_gemv(hidden_states):         # one row on a GPU: each norm inside the GEMV after it (09a)
             qkv, residual = self.self_attn.qkv_proj.forward_norm(hidden_states, residual, self.input_layernorm.weight,
                                                                  self.input_layernorm.eps)
             norm = self.post_attention_layernorm
