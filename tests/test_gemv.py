@@ -6,6 +6,7 @@
 - the dispatch `linear` (chapter 09) takes it only when it should, and `force_gemv` sends a whole tiny model
   through it with the same logits as F.linear (and tensor-parallel shards still add up).
 """
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,3 +310,59 @@ def test_fused_activation_switch_and_tp_partial_sums(tmp_path, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
     assert not torch.equal(fused, torch.zeros_like(fused))
+
+
+_ENGINE_GEMVS_FOR_HOPPER = r'''
+import os, subprocess, tempfile, torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from nanovllm_lit.layers import gemv_triton as g
+from nanovllm_lit.layers.linear import GEMV_NORM_MAX_M
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+g._SMS[torch.device("cuda", 0)] = 132                        # the configurations of an H100 / H200
+SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024), "down_proj": (1024, 3072),
+          "lm_head": (151_936, 1024)}
+types = dict(x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", out_ptr="*fp32", y_ptr="*bf16", lock_ptr="*i32", M="i32",
+             N="i32", K="i32", stride_xm="i32", stride_wn="i32", k_len="i32", res_ptr="*bf16", g_ptr="*bf16",
+             res_out_ptr="*bf16", eps="fp32")
+seen = set()
+for name, (N, K) in SHAPES.items():
+    for bm in (1, 2, 4, 8, 16):
+        cfg = g.gemv_config(bm, N, K, torch.bfloat16, "cuda:0")
+        norm = 2 if name in ("qkv_proj", "gate_up_proj") and bm <= GEMV_NORM_MAX_M else 0   # as the engine calls it
+        if norm: cfg["split_k"] = 1
+        k_len = -(-(-(-K // cfg["split_k"])) // cfg["block_k"]) * cfg["block_k"]        # as gemv() derives them
+        split = -(-K // k_len)
+        const = dict(BM=max(bm, 16) if cfg["dot"] else bm, BN=cfg["block_n"], BK=cfg["block_k"], DOT=cfg["dot"],
+                     UPCAST=False, PARTIAL=split > 1, HAS_BIAS=False, FOLD=split > 1, ACT=name == "down_proj",
+                     NORM=norm, PDL=1)
+        key = tuple(sorted(const.items())) + (cfg["num_warps"], cfg["num_stages"])
+        if key in seen: continue
+        seen.add(key)
+        sig = {**types, **{k: "constexpr" for k in const}}
+        k = triton.compile(ASTSource(fn=g._gemv_kernel, signature={n: sig[n] for n in g._gemv_kernel.arg_names},
+                                     constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"]); f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        line = next(l for l in usage.splitlines() if "REG:" in l)
+        fields = dict(kv.split(":") for kv in line.split() if ":" in kv)
+        print(name, bm, fields["REG"], fields["STACK"], fields["LOCAL"], flush=True)
+'''
+
+
+def test_the_engines_gemvs_compile_for_sm90_without_spilling(triton_for_hopper):
+    "Every GEMV variant the engine launches for Qwen3-0.6B at 1-16 rows (09a's configurations on 132 SMs, the norm"
+    " at GEMV_NORM_MAX_M rows, the SiLU in down_proj, PDL) keeps to registers on sm_90: no local memory, and at most"
+    " 16 bytes of stack a thread (down_proj's folded split-K at 2-16 rows keeps 8). The norm's tensor-core variant"
+    " at 16 rows spilled 328 bytes a thread and ran 2.6x slower (chapter 09a): this is the test that would have"
+    " caught it without a GPU."
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this Triton ships no cuobjdump")
+    rows = [ln.split() for ln in triton_for_hopper(_ENGINE_GEMVS_FOR_HOPPER).splitlines() if ln.strip()]
+    assert len(rows) >= 6 and {r[0] for r in rows} >= {"qkv_proj", "o_proj", "down_proj", "lm_head"}   # (gate_up_proj
+    spilled = [r for r in rows if int(r[3]) > 16 or r[4] != "0"]      # compiles as qkv_proj: the same K, constants)
+    assert not spilled, f"(name, rows, registers, stack, local): {spilled}"
+    assert all(int(r[2]) <= 255 for r in rows)
