@@ -13,10 +13,9 @@
 #   bash tools/gpu_next.sh pdl      2026-12-07: 09a/12b cells, engine vs HF, the workloads with PDL / the norm kernel on, off
 #   bash tools/gpu_next.sh day      2026-12-07: the workloads with the step table, decode attention's tile sweep, and
 #                                   the Triton-matmul-vs-cuBLAS experiment at 32-256 rows (tests/gpu_gemm_bench.py)
-#   bash tools/gpu_next.sh splitk   (run 2026-12-07 inside h200) split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
-#   bash tools/gpu_next.sh h200     2026-12-07 (third session), one call on an H200: engine vs HF, the workloads with
-#                                   the step table (item 5), then the split-K experiment and decode
-#                                   attention's split count at 32-192 sequences
+#   bash tools/gpu_next.sh splitk   (run 2026-12-07, third session) split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
+#   bash tools/gpu_next.sh h200     one call on an H200: engine vs HF, the workloads with the step table (item 5), then
+#                                   the one-row tiles (today's vs BK = 512) and the fused norm off, at batch 1 and 16
 #   bash tools/gpu_next.sh norm     2026-12-07 (third session): 09a's norm read on the way in (cells on the GPU, engine
 #                                   vs HF), then batch 1 with it on and off (NANOVLLM_LIT_FUSED_NORM=0), twice each
 #   bash tools/gpu_next.sh tiles    2026-12-07 (fourth session): engine vs HF, then tests/gpu_pdl_bench.py: the one-row
@@ -89,13 +88,15 @@ case "${1:-check}" in
     timeout 120 python3 tests/gpu_attention_sweep.py --budget-s 75 --write "$OUT/attn_best.json" > "$OUT/attn_sweep.log" 2>&1
     echo "sweep rc $?"; grep -v Warning "$OUT/attn_sweep.log" | tail -20
     timeout 120 python3 tests/gpu_gemm_bench.py > "$OUT/gemm.log" 2>&1; echo "gemm rc $?"; grep -v Warning "$OUT/gemm.log" | tail -40 ;;
-  h200)
+  h200)     # next call on an H200: engine vs HF, the workloads with the step table (item 5), then the one-row tiles
+            # and the fused norm's row limit of 2026-12-07 (fourth session) measured there too
     timeout 140 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
     echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
     timeout 200 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90
-    timeout 150 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16
-    timeout 60 python3 tests/gpu_attention_sweep.py --splits > "$OUT/attn_splits.log" 2>&1; echo "splits rc $?"; grep -v Warning "$OUT/attn_splits.log" | tail -8 ;;
+    timeout 230 python3 tests/gpu_pdl_bench.py --budget-s 200 --rows 1,16 --shapes 1x128x256,16x128x256 --runs 1 \
+      --ways 1:today,1:old --env NANOVLLM_LIT_FUSED_NORM=0 > "$OUT/tiles.log" 2>&1
+    echo "tiles rc $?"; grep -v "Warning\|^  host\|^    [a-z]" "$OUT/tiles.log" | tail -50 ;;
   norm)
     timeout 100 python3 tools/run_cells.py nbs/09a_gemv.ipynb > "$OUT/cells_09a.log" 2>&1; echo "09a cells rc $?"
     grep -v "Warning\|ok (" "$OUT/cells_09a.log" | tail -12
@@ -106,7 +107,7 @@ case "${1:-check}" in
         > "$OUT/bench_norm${fused}_$run.log" 2>&1; echo "batch 1, fused norm=$fused (run $run) rc $?"
       grep -E "Throughput|ratio|decode, batch 1|per decode step|GPU, ms|matmul|fused norm" "$OUT/bench_norm${fused}_$run.log"
     done; done ;;
-  splitk)   # run 2026-12-07 (inside h200; chapter 17): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
+  splitk)   # run 2026-12-07 (third session; chapter 17): split-K for o_proj/down_proj at 32-256 rows vs cuBLAS
     timeout 170 python3 tests/gpu_splitk_bench.py > "$OUT/splitk.log" 2>&1; echo "split-K rc $?"; grep -v Warning "$OUT/splitk.log" | tail -16 ;;
   tiles)
     timeout 130 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
