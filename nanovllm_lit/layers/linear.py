@@ -126,7 +126,8 @@ def uses_gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.
 def uses_gemv_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor) -> bool:
     "Whether `linear(rms_norm(x [+ residual]), weight, bias)` may run as one GEMV that normalises as it reads (09a)."
     return (uses_gemv(x, weight, bias) and norm_weight.dtype == x.dtype and norm_weight.shape == x.shape[-1:]
-            and x.numel() // x.size(-1) <= GEMV_NORM_MAX_M and os.environ.get("NANOVLLM_LIT_FUSED_NORM", "1") != "0")   # switch: =0 keeps the norm's own kernel
+            and x.numel() // x.size(-1) <= GEMV_NORM_MAX_M                 # one row (2-16 rows: it spills, 09a)
+            and os.environ.get("NANOVLLM_LIT_FUSED_NORM", "1") != "0")   # switch: =0 keeps the norm's own kernel
 
 # %% ../../nbs/09_linear.ipynb #d8031c22
 class ReplicatedLinear(LinearBase):

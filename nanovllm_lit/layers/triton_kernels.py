@@ -92,7 +92,7 @@ def pdl_enabled(device) -> int:
     if index not in _CAPABILITY: _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
     return 0 if _CAPABILITY[index] < 9 else 2 if mode == "early" else 1
 
-def pdl_launch(pdl: bool) -> dict:
+def pdl_launch(pdl: int) -> dict:
     "The launch keyword of a PDL kernel; none otherwise (so the interpreter never sees it)."
     return {"launch_pdl": True} if pdl else {}
 
