@@ -153,7 +153,7 @@ def _sum_splits_kernel(part_ptr, b_ptr, y_ptr, M, N, S, BN: tl.constexpr, HAS_BI
 # %% ../../nbs/09a_gemv.ipynb #8169b9c3
 _ONE_ROW = dict(block_n=4, num_warps=4, dot=False)
 _DOT = dict(block_n=32, block_k=256, num_warps=4, dot=True)
-# (N, K, BM) -> config keys that override the heuristic: the sweep's best on an H100 (2026-12-06), Qwen3-0.6B
+# (N, K, BM) -> config keys that override the heuristic: the sweep's best on an H100 (2026-12-06), Qwen3-0.6B, 2-16 rows
 GEMV_CONFIG: dict[tuple[int, int, int], dict] = {}
 for bm in (2, 4, 8, 16):
     GEMV_CONFIG[1024, 3072, bm] = dict(_DOT, block_k=128, split_k=8)                # down_proj
