@@ -91,11 +91,23 @@ def test_accepts_and_rejects_both_methods(ckpts):
         assert all(a <= p for a, p in zip(pos["accepted"], pos["proposed"]))
 
 
-def test_triton_backend(ckpts):
+def test_triton_backend(ckpts, monkeypatch):
+    "Greedy equality on the triton backend, where verification rows go through chapter 12c's fused decode kernel:"
+    " several rows of one sequence in one call (this step's keys taken from the other rows, not the cache)."
+    from nanovllm_lit.layers import decode_epilogue
+    calls, real = [], decode_epilogue.decode_with_epilogue
+    def spy(qkv, positions, *args, **kw):
+        tables = args[10]                                                  # block_tables
+        calls.append(len({tuple(r) for r in tables.tolist()}) < len(tables))   # a sequence with several rows
+        return real(qkv, positions, *args, **kw)
+    monkeypatch.setattr(decode_epilogue, "decode_with_epilogue", spy)
     prompts, params = [MENU[0], MENU[4]], [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2
     plain, _ = run(ckpts[0], prompts, params, num_kvcache_blocks=40, attention_backend="triton")
+    assert calls and not any(calls)
     for spec in specs(ckpts).values():
+        calls.clear()
         assert run(ckpts[0], prompts, params, spec, num_kvcache_blocks=40, attention_backend="triton")[0] == plain
+        assert any(calls), "no verification pass took the fused kernel with several rows of a sequence"
 
 
 def test_logprobs_equal_plain(ckpts):

@@ -20,6 +20,10 @@
 #                                   vs HF), then batch 1 with it on and off (NANOVLLM_LIT_FUSED_NORM=0), twice each
 #   bash tools/gpu_next.sh tiles    2026-12-07 (fourth session): engine vs HF, then tests/gpu_pdl_bench.py: the one-row
 #                                   whole-slice tiles vs BK = 512, the fused norm at 1 vs 16 rows, at batch 1 and 16
+#   bash tools/gpu_next.sh fused    2026-12-07 (fifth session): chapter 12c's decode kernel with the epilogue inside:
+#                                   09a/10a/12c cells on the GPU, engine vs HF, batch 1/16/256 with it on and off
+#   bash tools/gpu_next.sh fused2   the same kernel: speculative rows on the GPU (greedy identity in fp32), and the
+#                                   workloads (W included) with it on and off, a second time
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -115,6 +119,26 @@ case "${1:-check}" in
     timeout 440 python3 tests/gpu_pdl_bench.py --budget-s 400 --rows 1,16 --shapes 1x128x256,16x128x256 \
       --ways 1:today,1:old,1:today+norm16 --env NANOVLLM_LIT_FUSED_NORM=0 > "$OUT/tiles.log" 2>&1
     echo "tiles rc $?"; grep -v "Warning\|^  host\|^    [a-z]" "$OUT/tiles.log" | tail -80 ;;
+  fused)
+    for ch in 12c_decode_epilogue 09a_gemv 10a_triton_kernels; do
+      timeout 100 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
+      grep -v "Warning\|ok (\|warn_once" "$OUT/cells_$ch.log" | tail -14
+    done
+    timeout 130 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    for fused in 1 0; do
+      NANOVLLM_LIT_FUSED_DECODE=$fused timeout 100 python3 -m nanovllm_lit.bench --shape 1x128x256,16x128x256,256x512x512 \
+        --profile > "$OUT/bench_fused$fused.log" 2>&1; echo "bench, fused decode=$fused rc $?"
+      grep -E "Throughput|ratio|per decode step|GPU, ms|matmul|attention|kernels" "$OUT/bench_fused$fused.log" | head -40
+    done ;;
+  fused2)
+    timeout 200 python3 tests/gpu_spec_check.py --dtype float32 --eps 0.01 --max-tokens 96 > "$OUT/spec_fp32.log" 2>&1
+    echo "spec rc $?"; grep -v Warning "$OUT/spec_fp32.log" | tail -12
+    for run in 1 2; do for fused in 0 1; do
+      NANOVLLM_LIT_FUSED_DECODE=$fused timeout 90 python3 -m nanovllm_lit.bench --shape 1x128x256,16x128x256,W \
+        > "$OUT/bench2_fused${fused}_$run.log" 2>&1; echo "bench, fused decode=$fused (run $run) rc $?"
+      grep -E "Throughput|ratio" "$OUT/bench2_fused${fused}_$run.log" | head -12
+    done; done ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -126,5 +150,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tiles | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tiles | fused | fused2 | tp"; exit 2 ;;
 esac

@@ -106,6 +106,44 @@ def _wait_for_previous_kernel(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
+# %% ../../nbs/10a_triton_kernels.ipynb #b562acb7
+@triton.jit
+def _kv_tile(k_cache_ptr, v_cache_ptr, c_stride_slot, c_stride_h, bt_row, kvh, n0, end, D: tl.constexpr,
+             D_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    "KV head `kvh` of tokens n0 .. n0 + BLOCK_N - 1 of one sequence (one page) -> k, v (BLOCK_N, D_P), 0 from `end` on."
+    offs_n, offs_d = tl.arange(0, BLOCK_N), tl.arange(0, D_P)
+    page = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)         # one page id per tile
+    rows = page * BLOCK_SIZE + (n0 % BLOCK_SIZE) + offs_n          # cache slots of this tile's tokens
+    n_mask = (n0 + offs_n) < end
+    kv_off = rows[:, None] * c_stride_slot + kvh * c_stride_h + offs_d[None, :]
+    kv_mask = n_mask[:, None] & (offs_d[None, :] < D)
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)      # NOTE: masked to 0: free slots may hold NaN
+    return k, v, n_mask
+
+@triton.jit
+def _attend_tile(q, k, v, n_mask, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    "Scores of the (GROUP_P, D_P) queries against one tile (log2 units, -inf past its end), folded into (m_i, l_i, acc)."
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    return _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+
+@triton.jit
+def _finish_split(acc, m_i, l_i, out_ptr, o_stride_b, o_stride_h, part_o_ptr, part_lse_ptr, b, heads, split,
+                  offs_g, offs_d, gd_mask, H: tl.constexpr, GROUP: tl.constexpr, D_P: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    "Without a split: the output of these query heads. With splits: this split's part and its log-sum-exp."
+    l_safe = tl.where(l_i > 0, l_i, 1.0)                           # empty split or empty sequence -> zeros
+    o = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        row = (b * H + heads) * NUM_SPLITS + split
+        tl.store(part_o_ptr + row[:, None] * D_P + offs_d[None, :], o, mask=gd_mask)
+        tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
+
 # %% ../../nbs/10a_triton_kernels.ipynb #39baaecd
 @triton.jit
 def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
@@ -127,7 +165,6 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
 
     offs_g = tl.arange(0, GROUP_P)
     offs_d = tl.arange(0, D_P)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + offs_g                                   # the query heads served by this KV head
     gd_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < D)
     q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + offs_d[None, :], mask=gd_mask, other=0.0)
@@ -137,30 +174,15 @@ def _decode_kernel(q_ptr, q_stride_b, q_stride_h,
     acc = tl.zeros([GROUP_P, D_P], tl.float32)
     bt_row = block_tables_ptr + b * bt_stride
     for n0 in range(start, end, BLOCK_N):
-        page = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)     # one page id per tile
-        rows = page * BLOCK_SIZE + (n0 % BLOCK_SIZE) + offs_n      # cache slots of this tile's tokens
-        n_mask = (n0 + offs_n) < end
-        kv_off = rows[:, None] * c_stride_slot + kvh * c_stride_h + offs_d[None, :]
-        kv_mask = n_mask[:, None] & (offs_d[None, :] < D)
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # (BLOCK_N, D_P)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # NOTE: masked to 0: free slots may hold NaN
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (GROUP_P, BLOCK_N), log2 units
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+        k, v, n_mask = _kv_tile(k_cache_ptr, v_cache_ptr, c_stride_slot, c_stride_h, bt_row, kvh, n0, end,
+                                D, D_P, BLOCK_SIZE, BLOCK_N)
+        m_i, l_i, acc = _attend_tile(q, k, v, n_mask, m_i, l_i, acc, qk_scale, PRECISION)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)                           # empty split or empty sequence -> zeros
-    o = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=gd_mask)
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        row = (b * H + heads) * NUM_SPLITS + split
-        tl.store(part_o_ptr + row[:, None] * D_P + offs_d[None, :], o, mask=gd_mask)
-        tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
-        if FOLD:                                                   # the merge, by the last split (see below)
-            _merge_in_last_split(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h, lock_ptr, b, kvh, heads,
-                                 offs_g, offs_d, gd_mask, H, GROUP, D, D_P, NUM_SPLITS, SPLITS_P)
+    _finish_split(acc, m_i, l_i, out_ptr, o_stride_b, o_stride_h, part_o_ptr, part_lse_ptr, b, heads, split,
+                  offs_g, offs_d, gd_mask, H, GROUP, D_P, NUM_SPLITS)
+    if FOLD and NUM_SPLITS > 1:                                    # the merge, by the last split (see below)
+        _merge_in_last_split(part_o_ptr, part_lse_ptr, out_ptr, o_stride_b, o_stride_h, lock_ptr, b, kvh, heads,
+                             offs_g, offs_d, gd_mask, H, GROUP, D, D_P, NUM_SPLITS, SPLITS_P)
 
 # %% ../../nbs/10a_triton_kernels.ipynb #f05e3608
 @triton.jit

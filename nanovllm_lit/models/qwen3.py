@@ -18,7 +18,7 @@ from ..utils.context import get_context
 # %% auto #0
 __all__ = ['head_dim_of', 'Qwen3Attention', 'Qwen3MLP', 'Qwen3DecoderLayer', 'Qwen3Model', 'Qwen3ForCausalLM']
 
-# %% ../../nbs/15_qwen3.ipynb #fecc0974
+# %% ../../nbs/15_qwen3.ipynb #f81bb4f0
 def head_dim_of(hf_config) -> int:
     "`hf_config.head_dim`, or `hidden_size // num_attention_heads` for configs without one."
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -28,6 +28,13 @@ def _epilogue():
     from nanovllm_lit.layers import qkv_epilogue
     return qkv_epilogue
 
+def _decode_epilogue():
+    "Chapter 12c's module (decode attention with the epilogue inside), imported on first use."
+    from nanovllm_lit.layers import decode_epilogue
+    return decode_epilogue
+
+
+# %% ../../nbs/15_qwen3.ipynb #fecc0974
 class Qwen3Attention(nn.Module):
     "qkv_proj → per-head q/k RMSNorm (Qwen3; optional) → RoPE → paged Attention → o_proj."
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -51,6 +58,8 @@ class Qwen3Attention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         "Everything after `qkv_proj`: (N, q_size + 2 kv_size) -> (N, hidden)."
         if self.attn.backend != "torch" and _epilogue().uses_qkv_epilogue(self.attn.backend, qkv):
+            if _decode_epilogue().uses_decode_epilogue(self.attn, get_context()):   # decode on triton: chapter 12c
+                return self.o_proj(self.fused_decode(positions, qkv).flatten(1, -1))
             # kernel backends: chapter 12b's one kernel does the norms, RoPE and the KV-cache write below
             return self.o_proj(self.attn(*self.fused_epilogue(positions, qkv), kv_stored=True).flatten(1, -1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -64,10 +73,21 @@ class Qwen3Attention(nn.Module):
 
     def fused_epilogue(self, positions: torch.Tensor, qkv: torch.Tensor):
         "q/k norm, RoPE and the KV-cache write of `forward`, in one kernel (chapter 12b) -> q, k, v."
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 1e-6)
         return _epilogue().qkv_epilogue(qkv, positions, self.num_heads, self.num_kv_heads, self.head_dim,
-                                        self.rotary_emb.cos_sin_cache, *norms, self.attn.k_cache, self.attn.v_cache,
-                                        get_context().slot_mapping)
+                                        self.rotary_emb.cos_sin_cache, *self.qk_norms(), self.attn.k_cache,
+                                        self.attn.v_cache, get_context().slot_mapping)
+
+    def fused_decode(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        "A decode step's `fused_epilogue` and attention as one kernel (chapter 12c) -> o (B, H, D)."
+        c = get_context()
+        return _decode_epilogue().decode_with_epilogue(
+            qkv, positions, self.num_heads, self.num_kv_heads, self.head_dim, self.rotary_emb.cos_sin_cache,
+            *self.qk_norms(), self.attn.k_cache, self.attn.v_cache, c.slot_mapping, c.block_tables, c.context_lens,
+            self.attn.scale)
+
+    def qk_norms(self) -> tuple:
+        "(q weight, k weight, eps) of the q/k norms, or (None, None, 1e-6) for models without them."
+        return (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.q_norm is not None else (None, None, 1e-6)
 
 
 # %% ../../nbs/15_qwen3.ipynb #ecca8a1d
