@@ -92,7 +92,7 @@ def test_accepts_and_rejects_both_methods(ckpts):
 
 
 def test_triton_backend(ckpts, monkeypatch):
-    "Greedy equality on the triton backend, where verification rows go through chapter 12c's fused decode kernel:"
+    "Greedy equality on the triton backend, with verification rows through chapter 12c's fused decode kernel:"
     " several rows of one sequence in one call (this step's keys taken from the other rows, not the cache)."
     from nanovllm_lit.layers import decode_epilogue
     calls, real = [], decode_epilogue.decode_with_epilogue
@@ -101,6 +101,7 @@ def test_triton_backend(ckpts, monkeypatch):
         calls.append(len({tuple(r) for r in tables.tolist()}) < len(tables))   # a sequence with several rows
         return real(qkv, positions, *args, **kw)
     monkeypatch.setattr(decode_epilogue, "decode_with_epilogue", spy)
+    monkeypatch.setenv("NANOVLLM_LIT_FUSED_DECODE", "1")                   # opt-in (chapter 12c)
     prompts, params = [MENU[0], MENU[4]], [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2
     plain, _ = run(ckpts[0], prompts, params, num_kvcache_blocks=40, attention_backend="triton")
     assert calls and not any(calls)

@@ -174,8 +174,8 @@ def decode_with_epilogue(qkv: torch.Tensor, positions: torch.Tensor, num_heads: 
 
 # %% ../../nbs/12c_decode_epilogue.ipynb #438416d3
 def decode_epilogue_enabled() -> bool:
-    "The switch, read at each call: NANOVLLM_LIT_FUSED_DECODE=0 turns the fused decode kernel off; unset or else, on."
-    return os.environ.get("NANOVLLM_LIT_FUSED_DECODE", "1") != "0"
+    "The switch, read at each call: NANOVLLM_LIT_FUSED_DECODE=1 turns the fused decode kernel on; off by default (below)."
+    return os.environ.get("NANOVLLM_LIT_FUSED_DECODE", "0") == "1"
 
 def uses_decode_epilogue(attn, context) -> bool:
     "Whether a layer's decode step runs this chapter's kernel: triton backend, decode, a cache, the switch on."
