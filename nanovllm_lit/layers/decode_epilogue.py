@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, os
 import torch
-from .triton_kernels import (INTERPRET, DECODE_CONFIG, _attend_tile, _check_cache,  # noqa: F401
+from .triton_kernels import (INTERPRET, _attend_tile, _check_cache,  # noqa: F401
     _decode_reduce_kernel, _finish_split, _kv_tile, _pow2_at_least_16, _precision, _tile_in_page, _wait_for_previous_kernel,
     decode_num_splits, pdl_enabled, pdl_launch)
 import triton
