@@ -24,6 +24,7 @@
 #                                   09a/10a/12c cells on the GPU, engine vs HF, batch 1/16/256 with it on and off
 #   bash tools/gpu_next.sh fused2   the same kernel: speculative rows on the GPU (greedy identity in fp32), and the
 #                                   workloads (W included) with it on and off, a second time
+#   bash tools/gpu_next.sh fused3   fused2 cut to about 6 minutes (no W)
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -141,6 +142,16 @@ case "${1:-check}" in
         > "$OUT/bench2_fused${fused}_$run.log" 2>&1; echo "bench, fused decode=$fused (run $run) rc $?"
       grep -E "Throughput|ratio" "$OUT/bench2_fused${fused}_$run.log" | head -12
     done; done ;;
+  fused3)  # fused2 cut to what fits 6 minutes: 12c cells, the speculative GPU check with it on, batch 1/16 on and off
+    timeout 90 python3 tools/run_cells.py nbs/12c_decode_epilogue.ipynb > "$OUT/cells_12c.log" 2>&1; echo "12c cells rc $?"
+    grep -v "Warning\|ok (\|warn_once" "$OUT/cells_12c.log" | tail -8
+    NANOVLLM_LIT_FUSED_DECODE=1 timeout 150 python3 tests/gpu_spec_check.py --dtype float32 --eps 0.01 --max-tokens 48 \
+      > "$OUT/spec_fp32.log" 2>&1; echo "spec (fused decode on) rc $?"; grep -v Warning "$OUT/spec_fp32.log" | tail -12
+    for fused in 0 1; do
+      NANOVLLM_LIT_FUSED_DECODE=$fused timeout 60 python3 -m nanovllm_lit.bench --shape 1x128x256,16x128x256 \
+        > "$OUT/bench3_fused${fused}.log" 2>&1; echo "bench, fused decode=$fused rc $?"
+      grep -E "Throughput|ratio" "$OUT/bench3_fused${fused}.log" | head -8
+    done ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
     for turn in 0 1; do
@@ -152,5 +163,5 @@ llm, _ = _engine(None, None, dict(tensor_parallel_size=2)); print(f'TP=2 start-u
     timeout 200 python3 tests/gpu_engine_check.py --tp 2 --only-tp > "$OUT/engine_check_tp.log" 2>&1
     echo "engine check --tp 2 rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check_tp.log"
     timeout 150 python3 -m nanovllm_lit.bench --tp 2 > "$OUT/bench_tp.log" 2>&1; echo "W tp=2 rc $?"; grep -v Warning "$OUT/bench_tp.log" | tail -5 ;;
-  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tiles | fused | fused2 | tp"; exit 2 ;;
+  *) echo "unknown part ${1}: check | quick | bench | sampler | spec | first | pdl | day | h200 | norm | splitk | tiles | fused | fused2 | fused3 | tp"; exit 2 ;;
 esac
