@@ -1,13 +1,13 @@
 """Run a chapter's code cells in one namespace, top to bottom, without Jupyter or nbdev (for the lent GPU machines,
 which have neither): `python tools/run_cells.py nbs/14b_sampler_kernel.ipynb`. The exported cells are not run again:
 the namespace starts with everything of the chapter's exported module (Triton's @jit needs a source file).
-`#| eval: false` cells are skipped; `#| cuda` cells run (this is for machines with a GPU). Fails on the first error,
+`#| eval: false` cells are skipped; `#| cuda` cells run (this is for machines with a GPU) unless `--skip-cuda`. Fails on the first error,
 or with `--keep-going` reports each failing cell, runs the rest and exits 1 at the end. (One kind of cell can fail here
 and only here: a check that the chapter's own class lacks what a later chapter patches onto the package's class,
 e.g. 08's `not hasattr(ModelRunner, "call")`: this namespace holds the package's classes.)"""
 import importlib, json, os, sys, time, traceback
 
-def run(path: str, keep_going: bool = False) -> int:
+def run(path: str, keep_going: bool = False, skip_cuda: bool = False) -> int:
     "-> the number of cells that failed (only with keep_going; otherwise the first failure raises)."
     cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]
     ns = {"__name__": "__chapter__"}
@@ -20,6 +20,7 @@ def run(path: str, keep_going: bool = False) -> int:
         src = "".join(c["source"])
         flags = [l for l in src.splitlines() if l.startswith("#|")]
         if any(k in f for f in flags for k in ("eval: false", "default_exp", "export")): continue
+        if skip_cuda and "#| cuda" in flags: print(f"  cell {i} skipped (#| cuda)"); continue
         t = time.perf_counter()
         try: exec(compile(src, f"{os.path.basename(path)}[{i}]", "exec"), ns)
         except Exception:
@@ -30,8 +31,8 @@ def run(path: str, keep_going: bool = False) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    keep_going = "--keep-going" in sys.argv
+    keep_going, skip_cuda = "--keep-going" in sys.argv, "--skip-cuda" in sys.argv
     failed = 0
-    for p in [os.path.abspath(p) for p in sys.argv[1:] if p != "--keep-going"]:   # absolute: run() changes directory
-        print(p, flush=True); failed += run(p, keep_going)
+    for p in [os.path.abspath(p) for p in sys.argv[1:] if not p.startswith("--")]:   # absolute: run() changes directory
+        print(p, flush=True); failed += run(p, keep_going, skip_cuda)
     sys.exit(1 if failed else 0)
