@@ -25,6 +25,8 @@
 #   bash tools/gpu_next.sh fused2   the same kernel: speculative rows on the GPU (greedy identity in fp32), and the
 #                                   workloads (W included) with it on and off, a second time
 #   bash tools/gpu_next.sh fused3   fused2 cut to about 6 minutes (no W)
+#   bash tools/gpu_next.sh cells6   2026-12-07 (sixth session): 10a's and 12c's cells on the GPU (12c's per-layer timing
+#                                   now at 256 rows too: a torch matmul there, 09a's GEMV takes up to 16)
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -151,6 +153,11 @@ case "${1:-check}" in
       NANOVLLM_LIT_FUSED_DECODE=$fused timeout 60 python3 -m nanovllm_lit.bench --shape 1x128x256,16x128x256 \
         > "$OUT/bench3_fused${fused}.log" 2>&1; echo "bench, fused decode=$fused rc $?"
       grep -E "Throughput|ratio" "$OUT/bench3_fused${fused}.log" | head -8
+    done ;;
+  cells6)
+    for ch in 10a_triton_kernels 12c_decode_epilogue; do
+      timeout 150 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
+      grep -v "Warning\|ok (\|warn_once" "$OUT/cells_$ch.log" | tail -10
     done ;;
   tp)      # needs 2 GPUs (kind nvidia-h100-x2): TP=2 start-up time with fresh compile caches, every rank compiling for
            # itself (NANOVLLM_LIT_COMPILE_IN_TURN=0) and in turn (08a), then the TP engine checks and W at TP=2
