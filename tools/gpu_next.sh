@@ -27,6 +27,8 @@
 #   bash tools/gpu_next.sh fused3   fused2 cut to about 6 minutes (no W)
 #   bash tools/gpu_next.sh cells6   2026-12-07 (sixth session): 10a's and 12c's cells on the GPU (12c's per-layer timing
 #                                   now at 256 rows too: a torch matmul there, 09a's GEMV takes up to 16)
+#   bash tools/gpu_next.sh h200short  the h200 part without the tile comparison (about 5 minutes): engine vs HF, the
+#                                   three workloads with the step table
 #   bash tools/gpu_next.sh tp       2 GPUs: TP=2 start-up with and without 08a's compile-in-turn, TP checks, W at TP=2
 #   bash tools/gpu_next.sh spec     issue 13: greedy identity of speculative decoding in fp32 with the GEMV on
 #                                   (the 2026-12-05 fp32 run predates it: a verify pass of 5 rows and a plain step of
@@ -154,6 +156,11 @@ case "${1:-check}" in
         > "$OUT/bench3_fused${fused}.log" 2>&1; echo "bench, fused decode=$fused rc $?"
       grep -E "Throughput|ratio" "$OUT/bench3_fused${fused}.log" | head -8
     done ;;
+  h200short)
+    timeout 120 python3 tests/gpu_engine_check.py --only "fp32 triton" "bf16 CUDA" > "$OUT/engine_check.log" 2>&1
+    echo "engine check rc $?"; grep -E "^\[|passed in|FAIL" "$OUT/engine_check.log"
+    timeout 220 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
+    echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90 ;;
   cells6)
     for ch in 10a_triton_kernels 12c_decode_epilogue; do
       timeout 150 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
