@@ -25,7 +25,8 @@
 #   bash tools/gpu_next.sh fused2   the same kernel: speculative rows on the GPU (greedy identity in fp32), and the
 #                                   workloads (W included) with it on and off, a second time
 #   bash tools/gpu_next.sh fused3   fused2 cut to about 6 minutes (no W)
-#   bash tools/gpu_next.sh cells6   2026-12-07 (sixth session): 10a's and 12c's cells on the GPU (12c's per-layer timing
+#   bash tools/gpu_next.sh cells6   2026-12-07 (sixth session): 10a's, 12c's and 09a's cells on the GPU (09a's timing cell
+#                                   now also times in a graph: not yet run on a GPU) (12c's per-layer timing
 #                                   now at 256 rows too: a torch matmul there, 09a's GEMV takes up to 16)
 #   bash tools/gpu_next.sh h200short  the h200 part without the tile comparison (about 5 minutes): engine vs HF, the
 #                                   three workloads with the step table
@@ -162,7 +163,7 @@ case "${1:-check}" in
     timeout 220 python3 -m nanovllm_lit.bench --shape W,256x512x512,1x128x256 --profile > "$OUT/bench.log" 2>&1
     echo "bench rc $?"; grep -v Warning "$OUT/bench.log" | tail -90 ;;
   cells6)
-    for ch in 10a_triton_kernels 12c_decode_epilogue; do
+    for ch in 10a_triton_kernels 12c_decode_epilogue 09a_gemv; do
       timeout 150 python3 tools/run_cells.py nbs/$ch.ipynb > "$OUT/cells_$ch.log" 2>&1; echo "$ch cells rc $?"
       grep -v "Warning\|ok (\|warn_once" "$OUT/cells_$ch.log" | tail -10
     done ;;
