@@ -14,6 +14,10 @@ def check_bounds():
     "Patch the interpreter (idempotent). Needs TRITON_INTERPRET=1 set before triton is imported."
     from triton.runtime import interpreter as I
     if getattr(I, "_bounds_checked", False): return
+    hooks = [(I.GridExecutor, "_init_args_hst"), (I.InterpreterBuilder, "create_masked_load"),
+             (I.InterpreterBuilder, "create_masked_store")]
+    if not all(hasattr(c, n) for c, n in hooks):          # another Triton: tests/test_bounds_check.py will say so
+        import warnings; warnings.warn("tools/bounds_check.py: this Triton's interpreter lacks its hooks; no check"); return
     I._bounds_checked = True
     state = {"ranges": None, "name": "?"}
 
@@ -38,16 +42,25 @@ def check_bounds():
             raise IndexError(f"{state['name']}: {what} of {bad.size} masked-in address(es) outside every tensor "
                              f"argument, first at {int(bad[0]):#x}")
 
-    orig_call = I.GridExecutor.__call__
-    def call(self, *args, **kwargs):
-        spans = []; storages(list(args) + list(kwargs.values()), spans)
-        spans.sort()
-        merged = []
-        for a, b in spans:
+    def ranges(args):
+        "Sorted, merged [start, end) byte ranges of the storages of the tensors in `args`."
+        spans, merged = [], []
+        storages(args, spans)
+        for a, b in sorted(spans):
             if merged and a <= merged[-1][1]: merged[-1][1] = max(merged[-1][1], b)
             else: merged.append([a, b])
+        return (np.array([a for a, _ in merged], dtype=np.uint64), np.array([b for _, b in merged], dtype=np.uint64))
+
+    orig_init = I.GridExecutor._init_args_hst
+    def init_args_hst(self, args_dev, kwargs):            # the host copies are what the interpreter reads and writes
+        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+        state["ranges"] = ranges(list(args_hst) + list(kwargs_hst.values()))
+        return args_hst, kwargs_hst
+    I.GridExecutor._init_args_hst = init_args_hst
+
+    orig_call = I.GridExecutor.__call__
+    def call(self, *args, **kwargs):
         prev = dict(state)
-        state["ranges"] = (np.array([a for a, _ in merged], dtype=np.uint64), np.array([b for _, b in merged], dtype=np.uint64))
         state["name"] = getattr(self.fn, "__name__", "?")
         try: return orig_call(self, *args, **kwargs)
         finally: state.update(prev)
